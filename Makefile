@@ -1,0 +1,42 @@
+# make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv
+# make test                           the whole test suite (what CI runs)
+# Every target is idempotent: the virtual environment is built once and rebuilt when setup.py changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install install-test data train test clean
+
+$(VENV)/.installed: setup.py
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[cpu]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+# Real Fashion-MNIST for the offline tests and runs: Debian's dataset-fashion-mnist, where apt exists.
+data:
+	@if [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "not a Debian machine: the Fashion-MNIST tests need $(FASHION_MNIST) (IDX files)" >&2; fi
+
+train: install
+	$(PY) -m trainer.task $(ARGS)
+
+test: install-test data
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,104 @@
+"""Command-line parsing and validation: exit 2 with an argparse-style message, before any I/O."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer.config import PRESETS, Config, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(args, environ=None):
+    return parse_config(args, environ or {})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "--epochs must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--validation-fraction", "1.5"], "--validation-fraction must be in (0, 1)"),
+    (["--filters", "32,x"], "argument --filters: expected comma-separated integers"),
+    (["--filters", "32,0"], "argument --filters: every filter count must be a positive integer"),
+    (["--dataset", "csv:/tmp/data"], "expected a TFDS name"),
+    (["--dataset", "idx:"], "--dataset idx: needs a folder"),
+    (["--strategy", "gpu"], "argument --strategy: invalid choice"),
+    (["--train-limit", "1"], "--train-limit must be at least 2"),
+    (["--class-names", "a,b"], "--class-names must be auto, digits, fashion or ten"),
+])
+def test_bad_flag_exits_2_naming_it(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.strip().splitlines()[-1].startswith("python -m trainer.task: error:")
+
+
+def test_seed_preset_is_the_seed_notebook_recipe():
+    config = parse(["--preset", "seed", "--job-dir", "/tmp/x"])
+    assert (config.filters, config.dense_units, config.dropout) == ((32, 64), 128, 0.5)
+    assert (config.learning_rate, config.batch_size) == (1e-3, 128)
+
+
+def test_explicit_flags_beat_the_preset():
+    config = parse(["--preset", "seed", "--filters", "16,32", "--dropout", "0.25", "--job-dir", "/tmp/x"])
+    assert config.filters == (16, 32) and config.dropout == 0.25
+    assert config.dense_units == PRESETS["seed"]["dense_units"]
+
+
+def test_output_folders_default_under_the_job_dir():
+    config = parse(["--job-dir", "/tmp/job"])
+    assert (config.model_dir, config.log_dir, config.checkpoint_dir) == (
+        "/tmp/job/model", "/tmp/job/logs", "/tmp/job/checkpoints")
+
+
+def test_default_job_dir_is_a_utc_timestamp_under_runs():
+    config = parse([])
+    assert config.job_dir.startswith("runs" + os.sep) and len(os.path.basename(config.job_dir)) == 15
+
+
+def test_vertex_ai_variables_are_the_defaults():
+    environ = {"AIP_MODEL_DIR": "gs://bucket/job/model/", "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/tb/",
+               "AIP_CHECKPOINT_DIR": "gs://bucket/job/checkpoints/"}
+    config = parse([], environ)
+    assert config.job_dir == "gs://bucket/job"
+    assert config.model_dir == "gs://bucket/job/model/"
+    assert config.log_dir == "gs://bucket/tb/"
+    assert config.checkpoint_dir == "gs://bucket/job/checkpoints/"
+
+
+def test_explicit_flag_beats_the_vertex_variable():
+    environ = {"AIP_MODEL_DIR": "gs://bucket/job/model/", "AIP_TENSORBOARD_LOG_DIR": "gs://bucket/tb/"}
+    config = parse(["--log-dir", "/tmp/tb", "--job-dir", "/tmp/job"], environ)
+    assert config.log_dir == "/tmp/tb"
+    assert config.job_dir == "/tmp/job"
+    assert config.model_dir == "gs://bucket/job/model/"
+
+
+def test_config_is_frozen_and_validated_when_built_directly():
+    with pytest.raises(ValueError, match="--dropout"):
+        Config(job_dir="/tmp/x", dropout=1.0)
+    config = Config(job_dir="/tmp/x")
+    with pytest.raises(Exception):
+        config.epochs = 3
+
+
+def test_help_is_instant_and_imports_no_tensorflow():
+    code = ("import sys, contextlib, io\n"
+            "from trainer import task\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            "        task.main(['--help'])\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'tensorflow_datasets', 'numpy') if m in sys.modules]\n"
+            "print(heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

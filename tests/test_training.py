@@ -1,0 +1,185 @@
+"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, prediction, determinism."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT_DIR, run_task
+
+TIMING_KEYS = {"train_seconds", "train_examples_per_second"}
+
+
+def test_seed_recipe_learns_real_digits(seed_run):
+    job_dir, metrics, out = seed_run
+    assert metrics["test_accuracy"] > 0.93, metrics["test_accuracy"]
+    assert metrics["epochs_completed"] == 6 and metrics["initial_epoch"] == 0
+    assert metrics["num_examples"] == {"train": 3600, "validation": 400, "test": 1000}
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 6 and "val_accuracy" in epoch_lines[-1] and "examples/s" in epoch_lines[-1]
+
+
+def test_metrics_json_keeps_its_contract(seed_run):
+    _, metrics, _ = seed_run
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert metrics["train_seconds"] > 0 and metrics["train_examples_per_second"] > 0
+    assert metrics["num_replicas"] == 1
+    assert metrics["strategy"] == "default"  # "auto" was asked; the resolved name is recorded
+    assert metrics["dataset"].startswith("idx:")
+    assert metrics["config"]["preset"] == "seed" and metrics["config"]["filters"] == [32, 64]
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def test_saved_model_serves_uint8_images_and_agrees_with_metrics(seed_run, digits):
+    import tensorflow as tf
+
+    job_dir, metrics, _ = seed_run
+    model_dir = os.path.join(job_dir, "model")
+    assert os.path.isfile(os.path.join(model_dir, "saved_model.pb"))
+    serving = tf.saved_model.load(model_dir).signatures["serving_default"]
+    images, labels = digits[0][4000:], digits[1][4000:]  # the held-out test split
+    outputs = serving(image=tf.constant(images))
+    assert outputs["probabilities"].shape == (1000, 10) and outputs["classes"].dtype.is_integer
+    np.testing.assert_allclose(outputs["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-5)
+    accuracy = float((outputs["classes"].numpy() == labels).mean())
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+def test_keras_file_reloads_with_the_same_predictions(seed_run, digits):
+    import keras
+
+    job_dir, _, _ = seed_run
+    model = keras.saving.load_model(os.path.join(job_dir, "model", "model.keras"))
+    pixels = digits[0][4000:4100].astype("float32")[..., None] / 255.0
+    accuracy = float((model.predict(pixels, verbose=0).argmax(axis=1) == digits[1][4000:4100]).mean())
+    assert accuracy > 0.9
+
+
+def test_plots_are_real_pngs(seed_run):
+    from PIL import Image
+
+    job_dir, _, _ = seed_run
+    for name in ("accuracy.png", "loss.png", "confusion_matrix.png", "misclassified.png"):
+        with Image.open(os.path.join(job_dir, "plots", name)) as image:
+            assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
+
+
+def _tags(event_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(event_dir, size_guidance={"tensors": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_logs_have_the_documented_runs_and_tags(seed_run):
+    import tensorflow as tf
+
+    job_dir, metrics, _ = seed_run
+    train = _tags(os.path.join(job_dir, "logs", "train"))
+    validation = _tags(os.path.join(job_dir, "logs", "validation"))
+    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_examples_per_second", "config"):
+        assert tag in train.Tags()["tensors"], tag
+    for tag in ("epoch_loss", "epoch_accuracy", "misclassified"):
+        assert tag in validation.Tags()["tensors"], tag
+    accuracy = [event.step for event in validation.Tensors("epoch_accuracy")]
+    assert accuracy == [1, 2, 3, 4, 5, 6]
+    last = float(tf.make_ndarray(validation.Tensors("epoch_accuracy")[-1].tensor_proto))
+    assert last == pytest.approx(metrics["history"][-1]["val_accuracy"], abs=1e-6)
+
+
+def _write_inverted_off_centre_png(path, image):
+    from PIL import Image
+
+    big = Image.fromarray(255 - image).resize((84, 84), Image.BILINEAR)  # black on white, 3x larger
+    canvas = Image.new("L", (200, 130), 255)
+    canvas.paste(big, (100, 10))  # far off-centre
+    canvas.convert("RGB").save(path)
+
+
+def test_predict_names_the_right_digits_from_ordinary_pngs(seed_run, digits, tmp_path):
+    import tensorflow as tf
+
+    job_dir, _, _ = seed_run
+    model_dir = os.path.join(job_dir, "model")
+    serving = tf.saved_model.load(model_dir).signatures["serving_default"]
+    images, labels = digits[0][4000:4100], digits[1][4000:4100]
+    raw_classes = serving(image=tf.constant(images))["classes"].numpy()
+    chosen = [i for i in range(100) if raw_classes[i] == labels[i]][:8]  # ones the model gets right as 28x28
+    paths = []
+    for i in chosen:
+        paths.append(str(tmp_path / f"digit_{i}.png"))
+        _write_inverted_off_centre_png(paths[-1], images[i])
+    result = subprocess.run([sys.executable, "-m", "trainer.predict", "--model-dir", model_dir, *paths],
+                            cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == len(chosen)
+    for line, i in zip(lines, chosen):
+        path, predicted, probability = line.split("\t")
+        assert path.endswith(f"digit_{i}.png")
+        assert int(predicted.split()[0]) == labels[i], line
+        assert 0.0 < float(probability) <= 1.0
+
+
+def test_predict_reports_a_missing_image_clearly(seed_run, tmp_path):
+    from trainer import predict
+
+    job_dir, _, _ = seed_run
+    assert predict.main(["--model-dir", os.path.join(job_dir, "model"), str(tmp_path / "nope.png")]) == 1
+    assert predict.main(["--model-dir", str(tmp_path), str(tmp_path / "nope.png")]) == 1
+
+
+def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):
+    job_dir = str(tmp_path / "fashion")
+    code, out, err = run_task(["--dataset", f"idx:{fashion_dir}", "--preset", "seed", "--train-limit", "10000",
+                               "--epochs", "3", "--job-dir", job_dir])
+    assert code == 0, err
+    with open(os.path.join(job_dir, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert metrics["test_accuracy"] > 0.78, metrics["test_accuracy"]
+    assert metrics["num_examples"]["test"] == 10000
+    assert metrics["class_names"][0] == "T-shirt/top"  # names come with the dataset, for plots and predict
+
+
+def test_same_seed_same_data_gives_identical_metrics(digits_idx, tmp_path):
+    """Two separate processes, same flags: metrics.json differs only in its timing keys."""
+    job_dir = str(tmp_path / "same")
+    args = [sys.executable, "-m", "trainer.task", "--dataset", f"idx:{digits_idx}", "--preset", "seed",
+            "--train-limit", "2000", "--epochs", "2", "--job-dir", job_dir, "--no-resume"]
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(args, cwd=ROOT_DIR, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        with open(os.path.join(job_dir, "metrics.json")) as handle:
+            runs.append({k: v for k, v in json.load(handle).items() if k not in TIMING_KEYS})
+    assert runs[0] == runs[1]
+
+
+def test_export_is_atomic_a_failed_export_keeps_the_good_model(seed_run, tmp_path, monkeypatch):
+    """A fault injected into the last step of export (the .keras save) must leave the old model whole."""
+    import shutil
+
+    import keras
+
+    from trainer import export
+
+    job_dir, _, _ = seed_run
+    model_dir = str(tmp_path / "model")
+    shutil.copytree(os.path.join(job_dir, "model"), model_dir)
+    before = sorted(os.path.relpath(p, model_dir) for p in glob.glob(model_dir + "/**", recursive=True))
+    model = keras.saving.load_model(os.path.join(model_dir, "model.keras"))
+
+    def failing_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_model(model, model_dir, [str(d) for d in range(10)])
+    after = sorted(os.path.relpath(p, model_dir) for p in glob.glob(model_dir + "/**", recursive=True))
+    assert after == before
+    assert os.listdir(tmp_path) == ["model"], "no partial folder may be left behind"

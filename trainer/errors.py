@@ -1,0 +1,16 @@
+"""The one exception type for faults a user can fix (bad file, missing folder, offline...).
+
+`trainer.task` turns it into one line on stderr and exit code 1, with no traceback.
+"""
+
+
+class TrainerError(Exception):
+    """An expected fault found through I/O or TensorFlow; its message names the culprit."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM (exit 143) or Ctrl-C (exit 130) after saving a checkpoint."""
+
+    def __init__(self, exit_code: int, message: str):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,169 @@
+"""Exports: SavedModel with a uint8 serving signature, a .keras copy, metrics.json, plots. All atomic.
+
+A model folder is written beside its destination under a temporary name and swapped in whole, so an
+interrupted export never leaves half a model where a good one was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+CLASS_NAMES_FILE = "class_names.json"
+KERAS_FILE = "model.keras"
+
+
+def _replace_dir(staged: str, final: str) -> None:
+    """Swap a finished folder into place; the old one is removed only after the new one is in."""
+    final = final.rstrip("/")
+    previous = None
+    if os.path.exists(final):
+        previous = f"{final}.old-{os.getpid()}"
+        os.replace(final, previous)
+    os.replace(staged, final)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handle, staged = tempfile.mkstemp(prefix=".partial-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(handle, "w") as out:
+        json.dump(payload, out, indent=2, sort_keys=True)
+        out.write("\n")
+    os.replace(staged, path)
+
+
+def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
+    """SavedModel (`serving_default`: uint8 image [N,28,28] -> classes [N] int64, probabilities [N,10])."""
+    import keras
+    import tensorflow as tf
+
+    model_dir = os.path.abspath(model_dir.rstrip("/"))
+    parent = os.path.dirname(model_dir)
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.partial-", dir=parent)
+    try:
+        def serve(image):
+            pixels = tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0
+            probabilities = model(pixels, training=False)
+            return {"classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
+                    "probabilities": probabilities}
+
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(name="serving_default", fn=serve,
+                             input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="image")])
+        archive.write_out(staged, verbose=False)
+        model.save(os.path.join(staged, KERAS_FILE))
+        with open(os.path.join(staged, CLASS_NAMES_FILE), "w") as out:
+            json.dump(list(class_names), out)
+        _replace_dir(staged, model_dir)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def load_class_names(model_dir: str) -> List[str]:
+    path = os.path.join(model_dir, CLASS_NAMES_FILE)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return [str(d) for d in range(10)]
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curve_pngs(history: List[Dict[str, float]]) -> Dict[str, bytes]:
+    """accuracy.png and loss.png: train vs validation per epoch, as the seed notebook shows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    pngs = {}
+    for metric in ("accuracy", "loss"):
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.plot(epochs, [row[metric] for row in history], marker="o", label="train")
+        axes.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
+        axes.set_xlabel("epoch")
+        axes.set_ylabel(metric)
+        axes.set_title(f"Model {metric}")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        pngs[f"{metric}.png"] = _figure_png(figure)
+    return pngs
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int = 10) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels.astype(np.int64), predictions.astype(np.int64)), 1)
+    return matrix
+
+
+def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 6.5))
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    ticks = np.arange(len(class_names))
+    axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, labels=class_names)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for row in range(matrix.shape[0]):
+        for col in range(matrix.shape[1]):
+            axes.text(col, row, str(matrix[row, col]), ha="center", va="center", fontsize=7,
+                      color="white" if matrix[row, col] > threshold else "black")
+    return _figure_png(figure)
+
+
+def misclassified_png(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                      class_names: Sequence[str], limit: int = 25) -> bytes:
+    """A grid of up to `limit` wrongly classified images, each titled 'true -> predicted'."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(labels != predictions)[:limit]
+    columns = 5
+    rows = max(1, int(np.ceil(len(wrong) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False)
+    for slot, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if slot < len(wrong):
+            index = wrong[slot]
+            axis.imshow(images[index], cmap="gray")
+            axis.set_title(f"{class_names[labels[index]]} -> {class_names[predictions[index]]}", fontsize=8)
+    if not len(wrong):
+        axes.flat[0].text(0.5, 0.5, "no misclassified examples", ha="center")
+    figure.suptitle("Misclassified validation examples (true -> predicted)", fontsize=9)
+    return _figure_png(figure)
+
+
+def write_plots(plots_dir: str, pngs: Dict[str, bytes]) -> None:
+    os.makedirs(plots_dir, exist_ok=True)
+    for name, data in pngs.items():
+        handle, staged = tempfile.mkstemp(prefix=".partial-", dir=plots_dir)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(staged, os.path.join(plots_dir, name))

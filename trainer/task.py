@@ -1,0 +1,42 @@
+"""Entry point: `python -m trainer.task [flags]` -> Config -> train_and_evaluate.
+
+No TensorFlow import at module level: `--help` and command-line errors (exit 2) come back at once.
+Exit codes: 0 success, 2 bad command line, 1 a fault found through I/O or TensorFlow (one line on
+stderr naming the culprit), 143 after SIGTERM and 130 after Ctrl-C (a checkpoint saved in both cases).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+from trainer.config import parse_config
+from trainer.errors import Interrupted, TrainerError
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter hides the trainer's own lines; users can override this."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    config = parse_config(argv, os.environ)  # exits 2 on a syntax or range error
+    _quiet_tensorflow()
+    try:
+        from trainer.train import train_and_evaluate
+        train_and_evaluate(config)
+    except TrainerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The training loop: a custom loop under a tf.distribute strategy, with metrics, TensorBoard and checkpoints.
+
+`train_and_evaluate(config)` is the whole run: strategy -> output folders -> data -> model -> epochs ->
+test evaluation -> exports. A custom loop (`strategy.run`, `tf.nn.compute_average_loss`) rather than
+`model.fit`, because Keras 3 `fit` is broken under MultiWorkerMirroredStrategy; the same loop serves
+every strategy. Tests pass `splits` and `resolved` to bypass loading and strategy resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import List, Optional
+
+import numpy as np
+
+from trainer import data as data_lib
+from trainer import export
+from trainer.config import Config
+from trainer.errors import Interrupted, TrainerError
+
+# Settings a checkpoint must share with the run that resumes from it (epochs may grow; hardware may change).
+RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters", "dense_units", "dropout",
+               "batch_size", "learning_rate")
+HISTORY_FILE = "history.json"
+RUN_CONFIG_FILE = "run_config.json"
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclasses.dataclass
+class Outputs:
+    """Where this process writes. Non-chief workers get throwaway folders, deleted at the end."""
+
+    job_dir: str
+    model_dir: str
+    log_dir: str
+    checkpoint_dir: str
+    is_chief: bool
+    scratch: Optional[str] = None
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.job_dir, "metrics.json")
+
+    @property
+    def plots_dir(self) -> str:
+        return os.path.join(self.job_dir, "plots")
+
+
+def prepare_outputs(config: Config, is_chief: bool, task_id: int = 0) -> Outputs:
+    """Create the output folders now, so an unwritable job dir fails before any data loads or training."""
+    paths = dict(job_dir=config.job_dir, model_dir=config.model_dir, log_dir=config.log_dir,
+                 checkpoint_dir=config.checkpoint_dir)
+    for name, path in paths.items():
+        if path.startswith("gs://"):
+            raise TrainerError(f"--{name.replace('_', '-')} {path}: gs:// outputs need the Cloud Storage "
+                               "support, which this version does not have yet; use a local folder")
+    scratch = None
+    if not is_chief:
+        scratch = tempfile.mkdtemp(prefix=f"worker{task_id}-")
+        paths = {name: os.path.join(scratch, name) for name in paths}
+    for name in ("job_dir", "log_dir", "checkpoint_dir"):
+        _make_dir(paths[name], name)
+    _make_dir(os.path.dirname(os.path.abspath(paths["model_dir"])), "model_dir")
+    return Outputs(is_chief=is_chief, scratch=scratch, **paths)
+
+
+def _make_dir(path: str, name: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
+        probe.close()
+    except OSError as error:
+        raise TrainerError(f"--{name.replace('_', '-')} {path}: cannot write there ({error.strerror or error})") \
+            from None
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checks it between steps, saves and exits 143 / 130."""
+
+    def __init__(self):
+        self.exit_code: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+                self._previous[signum] = signal.signal(signum, self._handler(code))
+        return self
+
+    def _handler(self, code):
+        def handle(signum, frame):
+            self.exit_code = code
+        return handle
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+class Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, epoch: int, epochs: int, steps: int):
+        self.enabled = sys.stderr.isatty()
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+
+    def update(self, done: int, loss: float):
+        if self.enabled:
+            width = 30
+            filled = int(width * done / max(self.steps, 1))
+            sys.stderr.write(f"\repoch {self.epoch}/{self.epochs} [{'=' * filled}{'.' * (width - filled)}] "
+                             f"{done}/{self.steps} loss {loss:.4f}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 80 + "\r")
+            sys.stderr.flush()
+
+
+def _json_load(path: str, default):
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return default
+
+
+def _resume_settings(config: Config) -> dict:
+    values = config.to_dict()
+    return {key: values[key] for key in RESUME_KEYS}
+
+
+def _clear_checkpoints(checkpoint_dir: str) -> None:
+    for name in os.listdir(checkpoint_dir):
+        if name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE):
+            os.remove(os.path.join(checkpoint_dir, name))
+
+
+def _restore(config: Config, outputs: Outputs, manager, checkpoint) -> List[dict]:
+    """Resume from the latest checkpoint when allowed; refuse one made with other model or data settings."""
+    settings_path = os.path.join(outputs.checkpoint_dir, RUN_CONFIG_FILE)
+    if not config.resume:
+        _clear_checkpoints(outputs.checkpoint_dir)
+    elif manager.latest_checkpoint:
+        saved = _json_load(settings_path, {})
+        wanted = _resume_settings(config)
+        differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
+        if differ:
+            changes = ", ".join(f"{key} {saved[key]!r} -> {wanted[key]!r}" for key in differ)
+            raise TrainerError(f"--checkpoint-dir {outputs.checkpoint_dir}: holds a checkpoint of a run with "
+                               f"other settings ({changes}); pass --no-resume to start fresh or another "
+                               "--job-dir")
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        history = _json_load(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), [])
+        return [row for row in history if row["epoch"] <= int(checkpoint.epoch.numpy())]
+    export.write_json_atomic(settings_path, _resume_settings(config))
+    return []
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}  "
+            f"{row['examples_per_second']:,.0f} examples/s  {row['seconds']:.1f} s")
+
+
+def evaluate(predict, images: np.ndarray, labels: np.ndarray):
+    """(loss, accuracy, predicted classes) over every example, computed locally and exactly."""
+    probabilities = np.concatenate([predict(batch).numpy() for batch, _ in
+                                    data_lib.eval_dataset(images, labels, EVAL_BATCH_SIZE)])
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    predictions = probabilities.argmax(axis=-1)
+    return float(-np.log(picked).mean()), float((predictions == labels).mean()), predictions
+
+
+def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None,
+                       log=print) -> dict:
+    """Train, evaluate on the test split once, export; returns the metrics written to metrics.json."""
+    try:
+        import tensorflow as tf
+        import keras
+    except ImportError:
+        raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
+                           "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
+    from trainer.distribute import resolve_strategy
+    from trainer.model import build_model, feature_map_sizes
+
+    feature_map_sizes(config.filters)  # a model too deep for 28x28 fails before any I/O-heavy work
+    resolved = resolved or resolve_strategy(config.strategy)
+    strategy = resolved.strategy
+    if config.batch_size % resolved.num_replicas:
+        raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
+                           f"replicas of the {resolved.name} strategy")
+    outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
+    splits = splits or data_lib.load_splits(config)
+    train_images, train_labels = splits.train
+    steps = data_lib.steps_per_epoch(len(train_images), config.batch_size)
+    if steps < 1:
+        raise TrainerError(f"--batch-size {config.batch_size} is larger than the {len(train_images)} training "
+                           "examples; lower it or raise --train-limit")
+    log(f"dataset {splits.name}: {len(train_images)} train, {len(splits.validation[0])} validation, "
+        f"{len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
+        f"replica(s); {steps} steps of {config.batch_size} per epoch")
+
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build_model(config)
+        optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        # Built inside the scope before the first step, or a 2-replica MirroredStrategy fails (DESIGN.md).
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, step=step_var)
+    manager = tf.train.CheckpointManager(checkpoint, outputs.checkpoint_dir, max_to_keep=2)
+    history = _restore(config, outputs, manager, checkpoint)
+    initial_epoch, initial_step = int(epoch_var.numpy()), int(step_var.numpy())
+    if initial_epoch or initial_step:
+        log(f"resuming from {manager.latest_checkpoint} at epoch {initial_epoch + 1}, step {initial_step}")
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.batch_size)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
+        return tf.reduce_sum(per_example), tf.reduce_sum(correct)
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            per_replica_loss, per_replica_correct = strategy.run(replica_step, args=next(iterator))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+            correct += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_correct, axis=None)
+        return loss_sum, correct
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
+    def predict(images):
+        return model(images, training=False)
+
+    train_writer = tf.summary.create_file_writer(os.path.join(outputs.log_dir, "train"))
+    validation_writer = tf.summary.create_file_writer(os.path.join(outputs.log_dir, "validation"))
+    with train_writer.as_default():
+        config_table = "\n".join(f"| {key} | {value} |" for key, value in sorted(config.to_dict().items()))
+        tf.summary.text("config", "| setting | value |\n|---|---|\n" + config_table, step=initial_epoch)
+
+    train_seconds, examples_trained = 0.0, 0
+    with StopRequest() as stop:
+        for epoch in range(initial_epoch, config.epochs):
+            skip = initial_step if epoch == initial_epoch else 0
+            distributed = strategy.distribute_datasets_from_function(
+                lambda context, epoch=epoch, skip=skip: data_lib.train_dataset(
+                    train_images, train_labels, config.batch_size, config.seed, epoch, context, skip))
+            iterator = iter(distributed)
+            progress = Progress(epoch + 1, config.epochs, steps)
+            done, loss_sum, correct = skip, 0.0, 0.0
+            started = time.perf_counter()
+            while done < steps:
+                chunk = min(config.steps_per_execution, steps - done)
+                chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
+                loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
+                progress.update(done, loss_sum / ((done - skip) * config.batch_size))
+                if stop.exit_code is not None:
+                    break
+            seconds = time.perf_counter() - started
+            progress.close()
+            examples = (done - skip) * config.batch_size
+            train_seconds += seconds
+            examples_trained += examples
+            if stop.exit_code is not None and done < steps:
+                epoch_var.assign(epoch)
+                step_var.assign(done)
+                saved = manager.save(checkpoint_number=epoch * steps + done)
+                reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
+                raise Interrupted(stop.exit_code, f"stopped by {reason} at epoch {epoch + 1}, step {done}/{steps}; "
+                                                  f"checkpoint {saved}; rerun the same command to resume")
+
+            val_loss, val_accuracy, _ = evaluate(predict, *splits.validation)
+            row = dict(epoch=epoch + 1, loss=loss_sum / examples, accuracy=correct / examples,
+                       val_loss=val_loss, val_accuracy=val_accuracy,
+                       learning_rate=float(optimizer.learning_rate.numpy()))
+            timing = dict(examples_per_second=examples / seconds, seconds=seconds)
+            log(_epoch_line({**row, **timing}, config.epochs))
+            with train_writer.as_default():
+                for tag, value in (("epoch_loss", row["loss"]), ("epoch_accuracy", row["accuracy"]),
+                                   ("epoch_learning_rate", row["learning_rate"]),
+                                   ("epoch_examples_per_second", timing["examples_per_second"])):
+                    tf.summary.scalar(tag, value, step=epoch + 1)
+            with validation_writer.as_default():
+                tf.summary.scalar("epoch_loss", val_loss, step=epoch + 1)
+                tf.summary.scalar("epoch_accuracy", val_accuracy, step=epoch + 1)
+            train_writer.flush()
+            validation_writer.flush()
+            history.append(row)
+            epoch_var.assign(epoch + 1)
+            step_var.assign(0)
+            manager.save(checkpoint_number=(epoch + 1) * steps)
+            export.write_json_atomic(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), history)
+            if stop.exit_code is not None:  # the signal came during the epoch's last chunk: saved, stop here
+                reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
+                raise Interrupted(stop.exit_code, f"stopped by {reason} after epoch {epoch + 1}; checkpoint "
+                                                  f"{manager.latest_checkpoint}; rerun the same command to resume")
+
+    test_loss, test_accuracy, test_predictions = evaluate(predict, *splits.test)
+    log(f"test_loss {test_loss:.4f}  test_accuracy {test_accuracy:.4f}  ({len(splits.test[0])} test examples)")
+    metrics = dict(
+        test_accuracy=test_accuracy, test_loss=test_loss,
+        validation_accuracy=history[-1]["val_accuracy"] if history else None,
+        validation_loss=history[-1]["val_loss"] if history else None,
+        epochs_completed=int(epoch_var.numpy()), initial_epoch=initial_epoch,
+        train_seconds=train_seconds,
+        train_examples_per_second=examples_trained / train_seconds if train_seconds else None,
+        num_replicas=resolved.num_replicas, strategy=resolved.name, dataset=splits.name,
+        num_examples=dict(train=len(train_images), validation=len(splits.validation[0]), test=len(splits.test[0])),
+        class_names=list(splits.class_names), history=history, config=config.to_dict(),
+        tensorflow_version=tf.__version__,
+    )
+
+    val_images, val_labels = splits.validation
+    _, _, val_predictions = evaluate(predict, val_images, val_labels)
+    misclassified = export.misclassified_png(val_images, val_labels, val_predictions, splits.class_names)
+    with validation_writer.as_default():
+        tf.summary.image("misclassified", tf.image.decode_png(misclassified)[tf.newaxis], step=config.epochs)
+    validation_writer.flush()
+    if outputs.is_chief:
+        export.export_model(model, outputs.model_dir, splits.class_names)
+        pngs = export.curve_pngs(history)
+        matrix = export.confusion_matrix(splits.test[1], test_predictions)
+        pngs["confusion_matrix.png"] = export.confusion_png(
+            matrix, splits.class_names, f"{splits.name} test set: accuracy {test_accuracy:.4f}")
+        pngs["misclassified.png"] = misclassified
+        export.write_plots(outputs.plots_dir, pngs)
+        export.write_json_atomic(outputs.metrics_path, metrics)
+        log(f"wrote {outputs.model_dir}, {outputs.metrics_path}, {outputs.plots_dir}, logs in {outputs.log_dir}")
+    if outputs.scratch:
+        shutil.rmtree(outputs.scratch, ignore_errors=True)
+    return metrics
