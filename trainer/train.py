@@ -171,6 +171,11 @@ def _epoch_line(row: dict, epochs: int) -> str:
             f"{row['examples_per_second']:,.0f} examples/s  {row['seconds']:.1f} s")
 
 
+def _short_name(dataset: str) -> str:
+    """`idx:/usr/share/datasets/fashion-mnist` -> `fashion-mnist`, for plot titles."""
+    return os.path.basename(dataset[len("idx:"):].rstrip("/")) if dataset.startswith("idx:") else dataset
+
+
 def evaluate(predict, images: np.ndarray, labels: np.ndarray):
     """(loss, accuracy, predicted classes) over every example, computed locally and exactly."""
     probabilities = np.concatenate([predict(batch).numpy() for batch, _ in
@@ -336,7 +341,7 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
         pngs = export.curve_pngs(history)
         matrix = export.confusion_matrix(splits.test[1], test_predictions)
         pngs["confusion_matrix.png"] = export.confusion_png(
-            matrix, splits.class_names, f"{splits.name} test set: accuracy {test_accuracy:.4f}")
+            matrix, splits.class_names, f"{_short_name(splits.name)} test set: accuracy {test_accuracy:.4f}")
         pngs["misclassified.png"] = misclassified
         export.write_plots(outputs.plots_dir, pngs)
         export.write_json_atomic(outputs.metrics_path, metrics)
