@@ -75,3 +75,8 @@ def fashion_dir():
     if not os.path.isfile(os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")):
         pytest.fail(f"{FASHION_DIR} is missing: install Debian's dataset-fashion-mnist (make test does)")
     return FASHION_DIR
+
+
+def pytest_configure(config):
+    # Keras 3.15 converts tensors with np.array(x) and NumPy 2 warns about it; nothing a user can act on.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")

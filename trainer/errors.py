@@ -14,3 +14,13 @@ class Interrupted(Exception):
     def __init__(self, exit_code: int, message: str):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def require_tensorflow():
+    """Import TensorFlow, or say which extra installs it (it is not a hard requirement of the package)."""
+    try:
+        import tensorflow
+    except ImportError:
+        raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
+                           "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
+    return tensorflow

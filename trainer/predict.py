@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, require_tensorflow
 
 
 def to_mnist(image) -> np.ndarray:
@@ -78,7 +78,7 @@ def predict(model_dir: str, paths: Sequence[str]):
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         raise TrainerError(f"--model-dir {model_dir}: no saved_model.pb there (point it at a run's model/ folder)")
     images = load_images(paths)
-    import tensorflow as tf
+    tf = require_tensorflow()
 
     serving = tf.saved_model.load(model_dir).signatures["serving_default"]
     outputs = serving(image=tf.constant(images))

@@ -24,7 +24,7 @@ import numpy as np
 from trainer import data as data_lib
 from trainer import export
 from trainer.config import Config
-from trainer.errors import Interrupted, TrainerError
+from trainer.errors import Interrupted, TrainerError, require_tensorflow
 
 # Settings a checkpoint must share with the run that resumes from it (epochs may grow; hardware may change).
 RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters", "dense_units", "dropout",
@@ -106,24 +106,24 @@ class StopRequest:
 
 
 class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
+    """A one-line progress bar, only when stdout is a terminal (it is erased before the epoch line)."""
 
     def __init__(self, epoch: int, epochs: int, steps: int):
-        self.enabled = sys.stderr.isatty()
+        self.enabled = sys.stdout.isatty()
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
 
     def update(self, done: int, loss: float):
         if self.enabled:
             width = 30
             filled = int(width * done / max(self.steps, 1))
-            sys.stderr.write(f"\repoch {self.epoch}/{self.epochs} [{'=' * filled}{'.' * (width - filled)}] "
+            sys.stdout.write(f"\repoch {self.epoch}/{self.epochs} [{'=' * filled}{'.' * (width - filled)}] "
                              f"{done}/{self.steps} loss {loss:.4f}")
-            sys.stderr.flush()
+            sys.stdout.flush()
 
     def close(self):
         if self.enabled:
-            sys.stderr.write("\r" + " " * 80 + "\r")
-            sys.stderr.flush()
+            sys.stdout.write("\r" + " " * 80 + "\r")
+            sys.stdout.flush()
 
 
 def _json_load(path: str, default):
@@ -188,12 +188,8 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
 def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None,
                        log=print) -> dict:
     """Train, evaluate on the test split once, export; returns the metrics written to metrics.json."""
-    try:
-        import tensorflow as tf
-        import keras
-    except ImportError:
-        raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
-                           "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
+    tf = require_tensorflow()
+    import keras
     from trainer.distribute import resolve_strategy
     from trainer.model import build_model, feature_map_sizes
 
