@@ -20,7 +20,9 @@ def require_tensorflow():
     """Import TensorFlow, or say which extra installs it (it is not a hard requirement of the package)."""
     try:
         import tensorflow
-    except ImportError:
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow":
+            raise
         raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
                            "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
     return tensorflow
