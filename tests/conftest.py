@@ -80,3 +80,50 @@ def fashion_dir():
 def pytest_configure(config):
     # Keras 3.15 converts tensors with np.array(x) and NumPy 2 warns about it; nothing a user can act on.
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
+
+
+def trainer_env(**extra):
+    """Environment for trainer subprocesses: this checkout importable, TensorFlow's chatter down."""
+    env = dict(os.environ, PYTHONPATH=ROOT_DIR, TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(extra)
+    return env
+
+
+def run_cli(args, timeout=300, **env):
+    """`python -m trainer.task ARGS` in a fresh process (process-wide TF settings need one)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "trainer.task", *args], cwd=ROOT_DIR, env=trainer_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(args, log_path, **env):
+    """Start the trainer in the background, its output going to `log_path`; returns the Popen."""
+    import subprocess
+    import sys
+
+    handle = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-u", "-m", "trainer.task", *args], cwd=ROOT_DIR,
+                            env=trainer_env(**env), stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait_for_line(log_path, prefix, process, timeout=240):
+    """Block until a line starting with `prefix` appears in the log (or fail if the process ends first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path) as handle:
+            if any(line.startswith(prefix) for line in handle):
+                return
+        if process.poll() is not None:
+            raise AssertionError(f"process ended ({process.returncode}) before {prefix!r}:\n"
+                                 + open(log_path).read()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError(f"no {prefix!r} within {timeout}s:\n" + open(log_path).read()[-3000:])
+
+
+def read_metrics(job_dir):
+    with open(os.path.join(job_dir, "metrics.json")) as handle:
+        return json.load(handle)

@@ -15,6 +15,7 @@ import re
 from typing import Mapping, Optional, Sequence, Tuple
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
+MIXED_PRECISION = ("auto", "off", "bf16", "fp16")
 CLASS_NAME_SETS = {
     "digits": tuple(str(d) for d in range(10)),
     "fashion": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -54,6 +55,11 @@ class Config:
     log_dir: str = ""
     checkpoint_dir: str = ""
     strategy: str = "auto"
+    tpu: Optional[str] = None
+    cpu_devices: int = 0
+    mixed_precision: str = "auto"
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
     steps_per_execution: int = 1
     resume: bool = True
     class_names: str = "auto"
@@ -105,6 +111,11 @@ def validate(config: Config) -> None:
             f"--train-limit must be at least 2, got {config.train_limit}")
     require(config.steps_per_execution >= 1,
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
+    require(config.cpu_devices >= 0, f"--cpu-devices must be 0 or more, got {config.cpu_devices}")
+    require(config.intra_op_threads >= 0 and config.inter_op_threads >= 0,
+            "--intra-op-threads and --inter-op-threads must be 0 (TensorFlow's choice) or more")
+    require(config.mixed_precision in MIXED_PRECISION,
+            f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
     require(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}")
     if config.dataset.startswith("idx:"):
@@ -173,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     dist = parser.add_argument_group("distribution")
     dist.add_argument("--strategy", choices=STRATEGIES, default="auto",
                       help="tf.distribute strategy; auto picks the best the machine offers")
+    dist.add_argument("--tpu", default=None,
+                      help="TPU name or 'local' (TPU VM, Colab); default: TPU_NAME, else a TPU attached to this host")
+    dist.add_argument("--cpu-devices", type=int, default=0,
+                      help="split the host CPU into N logical devices, so --strategy mirrored runs N replicas "
+                           "without accelerators (a way to try distribution on a laptop)")
+    dist.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
+                      help="auto: bf16 on TPU, fp16 (with loss scaling) on GPU, off on CPU; outputs stay float32")
+    dist.add_argument("--intra-op-threads", type=int, default=0, help="threads inside one op (0: TensorFlow's choice)")
+    dist.add_argument("--inter-op-threads", type=int, default=0, help="ops run in parallel (0: TensorFlow's choice)")
     dist.add_argument("--steps-per-execution", type=int, default=1,
                       help="training steps run per tf.function call (fewer Python round trips)")
     return parser
@@ -209,6 +229,11 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             log_dir=args.log_dir or environ.get("AIP_TENSORBOARD_LOG_DIR", ""),
             checkpoint_dir=args.checkpoint_dir or environ.get("AIP_CHECKPOINT_DIR", ""),
             strategy=args.strategy,
+            tpu=args.tpu,
+            cpu_devices=args.cpu_devices,
+            mixed_precision=args.mixed_precision,
+            intra_op_threads=args.intra_op_threads,
+            inter_op_threads=args.inter_op_threads,
             steps_per_execution=args.steps_per_execution,
             resume=args.resume,
             class_names=args.class_names,

@@ -1,17 +1,24 @@
 """Resolve a tf.distribute strategy by name, once, and say whether this process is the chief.
 
-Names: auto | default | one_device | mirrored | multi_worker | tpu. Unknown names raise ValueError;
-a strategy the machine cannot provide raises TrainerError with one clear line.
+Names: auto | default | one_device | mirrored | multi_worker | tpu. `auto` picks a TPU when one is
+attached, else multi_worker when TF_CONFIG or Vertex AI's CLUSTER_SPEC lists several tasks, else
+mirrored over two or more GPUs, else the default strategy. A strategy the machine cannot provide is a
+TrainerError with one clear line. Host settings (logical CPU devices, threads) are process-wide and must
+be applied by `configure_host` before TensorFlow runs its first op.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 from typing import Any, Mapping, Optional
 
 from trainer.errors import TrainerError
+
+# Vertex AI worker pools, in CLUSTER_SPEC order, as TF_CONFIG task types.
+VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps", "workerpool3": "evaluator"}
 
 
 @dataclasses.dataclass
@@ -21,27 +28,53 @@ class Resolved:
     is_chief: bool = True
     task_type: Optional[str] = None
     task_id: int = 0
+    num_workers: int = 1
 
     @property
     def num_replicas(self) -> int:
         return int(self.strategy.num_replicas_in_sync)
 
 
-def cluster_spec(environ: Mapping[str, str]) -> Optional[dict]:
-    """TF_CONFIG as a dict, or None when unset or naming a single task."""
-    raw = environ.get("TF_CONFIG")
+def configure_host(cpu_devices: int = 0, intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
+    """Split the CPU into logical devices and set thread pools; must run before TensorFlow initialises."""
+    import tensorflow as tf
+
+    try:
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+        if cpu_devices > 1:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_devices)])
+    except RuntimeError as error:
+        raise TrainerError(f"--cpu-devices/--*-op-threads must be set before TensorFlow starts ({error}); "
+                           "run the trainer in a fresh process") from None
+
+
+def cluster_config(environ: Mapping[str, str]) -> Optional[dict]:
+    """TF_CONFIG, or one derived from Vertex AI's CLUSTER_SPEC; None when either names a single task."""
+    raw, source = environ.get("TF_CONFIG"), "TF_CONFIG"
+    if not raw:
+        raw, source = environ.get("CLUSTER_SPEC"), "CLUSTER_SPEC"
     if not raw:
         return None
     try:
-        tf_config = json.loads(raw)
+        spec = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise TrainerError(f"TF_CONFIG is not valid JSON ({error})") from None
-    tasks = sum(len(v) for v in tf_config.get("cluster", {}).values())
-    return tf_config if tasks > 1 else None
+        raise TrainerError(f"{source} is not valid JSON ({error})") from None
+    if source == "CLUSTER_SPEC":
+        cluster = {VERTEX_POOLS.get(pool, pool): hosts for pool, hosts in spec.get("cluster", {}).items() if hosts}
+        task = spec.get("task", {})
+        spec = {"cluster": cluster, "task": {"type": VERTEX_POOLS.get(task.get("type"), task.get("type")),
+                                             "index": int(task.get("index", 0))}}
+    tasks = sum(len(hosts) for kind, hosts in spec.get("cluster", {}).items() if kind in ("chief", "master", "worker"))
+    return spec if tasks > 1 else None
 
 
 def chief_of(tf_config: dict) -> tuple:
-    """(task_type, task_id, is_chief): chief or master when present, else worker 0."""
+    """(task_type, task_id, is_chief): `chief` or `master` when the cluster has one, else worker 0."""
     cluster = tf_config.get("cluster", {})
     task = tf_config.get("task", {})
     task_type, task_id = task.get("type", "worker"), int(task.get("index", 0))
@@ -52,17 +85,54 @@ def chief_of(tf_config: dict) -> tuple:
     return task_type, task_id, is_chief
 
 
-def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None) -> Resolved:
+def attached_tpu(environ: Mapping[str, str], tpu: Optional[str] = None) -> Optional[str]:
+    """The TPU to connect to, found without TensorFlow in well under a second: a name, 'local' or None."""
+    if tpu:
+        return tpu
+    if environ.get("TPU_NAME"):
+        return environ["TPU_NAME"]
+    if os.path.exists("/dev/accel0") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs (v2-v4: accel, v5+: vfio)
+        return "local"
+    if environ.get("COLAB_TPU_ADDR"):  # legacy Colab TPU node
+        return "grpc://" + environ["COLAB_TPU_ADDR"]
+    return None
+
+
+def auto_choice(environ: Mapping[str, str], num_gpus: int) -> str:
+    """What `auto` means once no TPU answered: multi_worker in a cluster, mirrored over 2+ GPUs, else default."""
+    if cluster_config(environ):
+        return "multi_worker"
+    return "mirrored" if num_gpus >= 2 else "default"
+
+
+def _connect_tpu(tpu: str):
+    import tensorflow as tf
+
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    except Exception as error:  # ValueError, NotFoundError, IndexError... depending on the host
+        raise TrainerError(f"--strategy tpu: cannot reach TPU {tpu!r} ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); use "
+                           "--strategy auto or default on machines without a TPU") from None
+
+
+def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu: Optional[str] = None) -> Resolved:
     import tensorflow as tf
 
     environ = os.environ if environ is None else environ
     if name == "auto":
-        if cluster_spec(environ):
-            name = "multi_worker"
-        elif len(tf.config.list_logical_devices("GPU")) >= 2:
-            name = "mirrored"
-        else:
-            name = "default"
+        found = attached_tpu(environ, tpu)
+        if found:
+            try:
+                return Resolved(_connect_tpu(found), "tpu")
+            except TrainerError:
+                pass  # a device file without a usable TPU: fall through to the other strategies
+        # physical, not logical: listing logical devices starts the runtime, and MultiWorkerMirrored
+        # must configure collectives before that
+        name = auto_choice(environ, len(tf.config.list_physical_devices("GPU")))
     if name == "default":
         return Resolved(tf.distribute.get_strategy(), "default")
     if name == "one_device":
@@ -73,17 +143,31 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None) -> 
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return Resolved(tf.distribute.MirroredStrategy(devices), "mirrored")
     if name == "multi_worker":
-        tf_config = cluster_spec(environ)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        task_type, task_id, is_chief = chief_of(tf_config) if tf_config else (None, 0, True)
-        return Resolved(strategy, "multi_worker", is_chief, task_type, task_id)
+        tf_config = cluster_config(environ)
+        if tf_config is None:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()  # a cluster of one: useful for trying it out
+            return Resolved(strategy, "multi_worker")
+        task_type, task_id, is_chief = chief_of(tf_config)
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            tf.train.ClusterSpec(tf_config["cluster"]), task_type=task_type, task_id=task_id, rpc_layer="grpc")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        workers = sum(len(tf_config["cluster"].get(kind, [])) for kind in ("chief", "master", "worker"))
+        return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, workers)
     if name == "tpu":
-        try:
-            resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=environ.get("TPU_NAME", "local"))
-            tf.config.experimental_connect_to_cluster(resolver)
-            tf.tpu.experimental.initialize_tpu_system(resolver)
-        except Exception as error:  # no TPU: ValueError, NotFoundError, IndexError depending on the host
-            raise TrainerError(f"--strategy tpu: no TPU found ({type(error).__name__}); use --strategy auto "
-                               "or default on machines without one") from None
-        return Resolved(tf.distribute.TPUStrategy(resolver), "tpu")
+        return Resolved(_connect_tpu(attached_tpu(environ, tpu) or "local"), "tpu")
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
+    """The Keras dtype policy: bf16 on TPU, fp16 on GPU, float32 on CPU unless asked otherwise."""
+    if setting == "bf16":
+        return "mixed_bfloat16"
+    if setting == "fp16":
+        return "mixed_float16"
+    if setting == "off":
+        return "float32"
+    if resolved.name == "tpu":
+        return "mixed_bfloat16"
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "float32"

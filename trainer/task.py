@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_tensorflow()
     try:
         from trainer.train import train_and_evaluate
-        train_and_evaluate(config)
+        train_and_evaluate(config, environ=os.environ)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -144,25 +144,42 @@ def _clear_checkpoints(checkpoint_dir: str) -> None:
             os.remove(os.path.join(checkpoint_dir, name))
 
 
-def _restore(config: Config, outputs: Outputs, manager, checkpoint) -> List[dict]:
-    """Resume from the latest checkpoint when allowed; refuse one made with other model or data settings."""
-    settings_path = os.path.join(outputs.checkpoint_dir, RUN_CONFIG_FILE)
-    if not config.resume:
+def _restore(config: Config, outputs: Outputs, checkpoint) -> List[dict]:
+    """Resume from the latest checkpoint when allowed; refuse one made with other model or data settings.
+
+    Every worker restores from the chief's folder (`config.checkpoint_dir`), so all resume from the same
+    step; non-chief workers then save to their own scratch folders.
+    """
+    import tensorflow as tf
+
+    source = config.checkpoint_dir
+    latest = tf.train.latest_checkpoint(source) if config.resume and os.path.isdir(source) else None
+    if not config.resume and outputs.is_chief:
         _clear_checkpoints(outputs.checkpoint_dir)
-    elif manager.latest_checkpoint:
-        saved = _json_load(settings_path, {})
+    if latest:
+        saved = _json_load(os.path.join(source, RUN_CONFIG_FILE), {})
         wanted = _resume_settings(config)
         differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
         if differ:
             changes = ", ".join(f"{key} {saved[key]!r} -> {wanted[key]!r}" for key in differ)
-            raise TrainerError(f"--checkpoint-dir {outputs.checkpoint_dir}: holds a checkpoint of a run with "
-                               f"other settings ({changes}); pass --no-resume to start fresh or another "
-                               "--job-dir")
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        history = _json_load(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), [])
+            raise TrainerError(f"--checkpoint-dir {source}: holds a checkpoint of a run with other settings "
+                               f"({changes}); pass --no-resume to start fresh or use another --job-dir")
+        checkpoint.restore(latest).assert_existing_objects_matched()
+        history = _json_load(os.path.join(source, HISTORY_FILE), [])
         return [row for row in history if row["epoch"] <= int(checkpoint.epoch.numpy())]
-    export.write_json_atomic(settings_path, _resume_settings(config))
+    if outputs.is_chief:
+        export.write_json_atomic(os.path.join(outputs.checkpoint_dir, RUN_CONFIG_FILE), _resume_settings(config))
     return []
+
+
+def weights_checksum(model) -> str:
+    """A short digest of every weight: equal on all workers of a synchronous run, printed at the end."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.asarray(weight.numpy(), dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -186,15 +203,39 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
 
 
 def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None,
-                       log=print) -> dict:
-    """Train, evaluate on the test split once, export; returns the metrics written to metrics.json."""
-    tf = require_tensorflow()
+                       log=print, environ=None) -> dict:
+    """Train, evaluate on the test split once, export; returns the metrics written to metrics.json.
+
+    `environ` (default os.environ) supplies TF_CONFIG, CLUSTER_SPEC and TPU_NAME; tests may pass `splits`
+    and an already `resolved` strategy instead.
+    """
+    require_tensorflow()
     import keras
-    from trainer.distribute import resolve_strategy
-    from trainer.model import build_model, feature_map_sizes
+
+    from trainer.model import feature_map_sizes
 
     feature_map_sizes(config.filters)  # a model too deep for 28x28 fails before any I/O-heavy work
-    resolved = resolved or resolve_strategy(config.strategy)
+    if resolved is None:
+        from trainer.distribute import configure_host, resolve_strategy
+
+        configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
+        resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu)
+    from trainer.distribute import mixed_precision_policy
+
+    policy = mixed_precision_policy(config.mixed_precision, resolved)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return _run(config, splits, resolved, policy, log)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # process-wide: leave it as found
+
+
+def _run(config: Config, splits, resolved, policy: str, log) -> dict:
+    import keras
+    import tensorflow as tf
+
+    from trainer.model import build_model
+
     strategy = resolved.strategy
     if config.batch_size % resolved.num_replicas:
         raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
@@ -208,29 +249,33 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
                            "examples; lower it or raise --train-limit")
     log(f"dataset {splits.name}: {len(train_images)} train, {len(splits.validation[0])} validation, "
         f"{len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
-        f"replica(s); {steps} steps of {config.batch_size} per epoch")
+        f"replica(s){', ' + policy if policy != 'float32' else ''}; {steps} steps of {config.batch_size} per epoch")
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config)
         optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Built inside the scope before the first step, or a 2-replica MirroredStrategy fails (DESIGN.md).
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, step=step_var)
+    history = _restore(config, outputs, checkpoint)
     manager = tf.train.CheckpointManager(checkpoint, outputs.checkpoint_dir, max_to_keep=2)
-    history = _restore(config, outputs, manager, checkpoint)
     initial_epoch, initial_step = int(epoch_var.numpy()), int(step_var.numpy())
     if initial_epoch or initial_step:
-        log(f"resuming from {manager.latest_checkpoint} at epoch {initial_epoch + 1}, step {initial_step}")
+        log(f"resuming from {tf.train.latest_checkpoint(config.checkpoint_dir)} at epoch {initial_epoch + 1}, "
+            f"step {initial_step}")
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=config.batch_size)
-        gradients = tape.gradient(loss, model.trainable_variables)
+            scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
         return tf.reduce_sum(per_example), tf.reduce_sum(correct)
@@ -246,7 +291,19 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
 
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
     def predict(images):
-        return model(images, training=False)
+        return tf.cast(model(images, training=False), tf.float32)
+
+    @tf.function
+    def workers_stopping(local_flag):
+        """How many replicas saw a stop signal: all workers must agree on the step they stop at."""
+        flags = strategy.run(lambda: tf.identity(local_flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None)
+
+    def should_stop() -> bool:
+        local = stop.exit_code is not None
+        if resolved.num_workers > 1:
+            return float(workers_stopping(tf.constant(1.0 if local else 0.0))) > 0
+        return local
 
     train_writer = tf.summary.create_file_writer(os.path.join(outputs.log_dir, "train"))
     validation_writer = tf.summary.create_file_writer(os.path.join(outputs.log_dir, "validation"))
@@ -263,21 +320,23 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
                     train_images, train_labels, config.batch_size, config.seed, epoch, context, skip))
             iterator = iter(distributed)
             progress = Progress(epoch + 1, config.epochs, steps)
-            done, loss_sum, correct = skip, 0.0, 0.0
+            done, loss_sum, correct, stopping = skip, 0.0, 0.0, False
             started = time.perf_counter()
             while done < steps:
                 chunk = min(config.steps_per_execution, steps - done)
                 chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
                 loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
                 progress.update(done, loss_sum / ((done - skip) * config.batch_size))
-                if stop.exit_code is not None:
+                stopping = should_stop()
+                if stopping:
+                    stop.exit_code = stop.exit_code or 143  # a peer worker was told to stop
                     break
             seconds = time.perf_counter() - started
             progress.close()
             examples = (done - skip) * config.batch_size
             train_seconds += seconds
             examples_trained += examples
-            if stop.exit_code is not None and done < steps:
+            if stopping and done < steps:
                 epoch_var.assign(epoch)
                 step_var.assign(done)
                 saved = manager.save(checkpoint_number=epoch * steps + done)
@@ -290,7 +349,6 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
                        val_loss=val_loss, val_accuracy=val_accuracy,
                        learning_rate=float(optimizer.learning_rate.numpy()))
             timing = dict(examples_per_second=examples / seconds, seconds=seconds)
-            log(_epoch_line({**row, **timing}, config.epochs))
             with train_writer.as_default():
                 for tag, value in (("epoch_loss", row["loss"]), ("epoch_accuracy", row["accuracy"]),
                                    ("epoch_learning_rate", row["learning_rate"]),
@@ -306,18 +364,20 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
             step_var.assign(0)
             manager.save(checkpoint_number=(epoch + 1) * steps)
             export.write_json_atomic(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), history)
-            if stop.exit_code is not None:  # the signal came during the epoch's last chunk: saved, stop here
+            log(_epoch_line({**row, **timing}, config.epochs))  # printed once the epoch is safely saved
+            if stopping:  # the signal came during the epoch's last chunk: saved, stop here
                 reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
                 raise Interrupted(stop.exit_code, f"stopped by {reason} after epoch {epoch + 1}; checkpoint "
                                                   f"{manager.latest_checkpoint}; rerun the same command to resume")
 
     test_loss, test_accuracy, test_predictions = evaluate(predict, *splits.test)
     log(f"test_loss {test_loss:.4f}  test_accuracy {test_accuracy:.4f}  ({len(splits.test[0])} test examples)")
+    log(f"weights checksum {weights_checksum(model)}")
     metrics = dict(
         test_accuracy=test_accuracy, test_loss=test_loss,
         validation_accuracy=history[-1]["val_accuracy"] if history else None,
         validation_loss=history[-1]["val_loss"] if history else None,
-        epochs_completed=int(epoch_var.numpy()), initial_epoch=initial_epoch,
+        epochs_completed=int(epoch_var.numpy()), initial_epoch=initial_epoch, initial_step=initial_step,
         train_seconds=train_seconds,
         train_examples_per_second=examples_trained / train_seconds if train_seconds else None,
         num_replicas=resolved.num_replicas, strategy=resolved.name, dataset=splits.name,
@@ -332,8 +392,9 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     with validation_writer.as_default():
         tf.summary.image("misclassified", tf.image.decode_png(misclassified)[tf.newaxis], step=config.epochs)
     validation_writer.flush()
+    # Every worker exports (saving may involve collectives); only the chief's lands in the real model dir.
+    export.export_model(model, outputs.model_dir, splits.class_names)
     if outputs.is_chief:
-        export.export_model(model, outputs.model_dir, splits.class_names)
         pngs = export.curve_pngs(history)
         matrix = export.confusion_matrix(splits.test[1], test_predictions)
         pngs["confusion_matrix.png"] = export.confusion_png(

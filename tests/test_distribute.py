@@ -1,0 +1,222 @@
+"""Strategies and fault tolerance with real processes: MirroredStrategy over logical CPU devices,
+MultiWorkerMirroredStrategy with two processes on 127.0.0.1, kill -9 and SIGTERM with resume.
+
+Strategy, device and thread settings are process-wide, so every training here runs in a subprocess.
+No TPU exists here: only the detection and the clear failure are tested.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import (ROOT_DIR, free_port, read_metrics, run_cli, run_task, start_cli, trainer_env,
+                      wait_for_line)
+from trainer.distribute import attached_tpu, chief_of, cluster_config
+
+
+def checksum(output):
+    found = re.findall(r"^weights checksum (\w+)$", output, re.M)
+    assert found, output[-2000:]
+    return found[-1]
+
+
+def tf_config(ports, index, kind="worker"):
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                       "task": {"type": kind, "index": index}})
+
+
+# ---------------------------------------------------------------------------------- resolution (no training)
+
+def test_cluster_spec_from_vertex_ai_becomes_a_tf_config():
+    spec = {"cluster": {"workerpool0": ["chief:2222"], "workerpool1": ["w0:2222", "w1:2222"]},
+            "environment": "cloud", "task": {"type": "workerpool1", "index": 1}}
+    config = cluster_config({"CLUSTER_SPEC": json.dumps(spec)})
+    assert config["cluster"] == {"chief": ["chief:2222"], "worker": ["w0:2222", "w1:2222"]}
+    assert chief_of(config) == ("worker", 1, False)
+    assert chief_of({"cluster": config["cluster"], "task": {"type": "chief", "index": 0}})[2] is True
+
+
+def test_worker_0_is_chief_when_there_is_no_chief_and_single_task_is_no_cluster():
+    config = cluster_config({"TF_CONFIG": tf_config([1, 2], 0)})
+    assert chief_of(config) == ("worker", 0, True)
+    assert cluster_config({"TF_CONFIG": tf_config([1], 0)}) is None
+    assert cluster_config({}) is None
+
+
+def test_tpu_detection_is_instant_and_finds_nothing_here():
+    started = time.monotonic()
+    assert attached_tpu({}) is None
+    assert attached_tpu({"TPU_NAME": "my-tpu"}) == "my-tpu"
+    assert time.monotonic() - started < 0.5
+
+
+def test_auto_picks_default_here_quickly():
+    import tensorflow  # noqa: F401  (its import time is not the detection's)
+
+    from trainer.distribute import resolve_strategy
+
+    started = time.monotonic()
+    resolved = resolve_strategy("auto", {})
+    assert resolved.name == "default" and resolved.num_replicas == 1 and resolved.is_chief
+    assert time.monotonic() - started < 2
+
+
+def test_auto_choice_without_a_tpu():
+    """(Building a MultiWorkerMirroredStrategy waits for its peers, so the choice is tested on its own here
+    and through real workers started with --strategy auto below.)"""
+    from trainer.distribute import auto_choice
+
+    assert auto_choice({"TF_CONFIG": tf_config([1, 2], 1)}, num_gpus=0) == "multi_worker"
+    assert auto_choice({}, num_gpus=2) == "mirrored"
+    assert auto_choice({}, num_gpus=1) == "default"
+
+
+def test_strategy_tpu_without_a_tpu_is_one_clear_error(tmp_path):
+    code, _, err = run_task(["--strategy", "tpu", "--dataset", "idx:/nowhere", "--job-dir", str(tmp_path)])
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: --strategy tpu: cannot reach TPU") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------- training
+
+def test_mirrored_over_two_cpu_devices_matches_the_default_strategy(digits_idx, seed_run, tmp_path):
+    _, default_metrics, _ = seed_run  # the same data, seed and recipe under the default strategy
+    job_dir = str(tmp_path / "mirrored")
+    result = run_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "6",
+                      "--strategy", "mirrored", "--cpu-devices", "2", "--job-dir", job_dir])
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(job_dir)
+    assert metrics["num_replicas"] == 2 and metrics["strategy"] == "mirrored"
+    assert metrics["test_accuracy"] > 0.93
+    assert abs(metrics["test_accuracy"] - default_metrics["test_accuracy"]) < 0.03
+
+
+def _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs, strategy="multi_worker"):
+    ports = [free_port(), free_port()]
+    return [start_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--job-dir", job_dirs[i],
+                       "--strategy", strategy, "--intra-op-threads", "1", *extra], logs[i],
+                      TF_CONFIG=tf_config(ports, i), TMPDIR=tmp_dirs[i])
+            for i in range(2)]
+
+
+def _wait(processes, timeout=300):
+    codes = []
+    for process in processes:
+        try:
+            codes.append(process.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise AssertionError("a worker hung")
+    return codes
+
+
+def test_multi_worker_two_processes_agree_and_only_the_chief_writes(digits_idx, tmp_path):
+    job_dirs = [str(tmp_path / "chief_job"), str(tmp_path / "worker_job")]
+    logs = [str(tmp_path / "w0.log"), str(tmp_path / "w1.log")]
+    tmp_dirs = [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]
+    for folder in tmp_dirs:
+        os.makedirs(folder)
+    assert _wait(_start_workers(digits_idx, job_dirs, ["--epochs", "2"], logs, tmp_dirs, "auto")) == [0, 0]
+    outputs = [open(log).read() for log in logs]
+    assert checksum(outputs[0]) == checksum(outputs[1])
+    metrics = read_metrics(job_dirs[0])
+    assert metrics["num_replicas"] == 2 and metrics["strategy"] == "multi_worker"  # what auto chose
+    assert os.path.isfile(os.path.join(job_dirs[0], "model", "saved_model.pb"))
+    assert not os.path.exists(os.path.join(job_dirs[1], "model"))
+    assert not os.path.exists(os.path.join(job_dirs[1], "metrics.json"))
+    assert os.listdir(tmp_dirs[1]) == [], "the worker's scratch folders must be deleted"
+
+
+def test_kill_9_in_the_second_epoch_then_rerun_resumes(digits_idx, tmp_path):
+    job_dir = str(tmp_path / "job")
+    args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "3", "--batch-size", "32",
+            "--job-dir", job_dir]
+    log = str(tmp_path / "first.log")
+    process = start_cli(args, log)
+    wait_for_line(log, "epoch 1/3", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert not os.path.exists(os.path.join(job_dir, "metrics.json"))
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    metrics = read_metrics(job_dir)
+    assert metrics["initial_epoch"] >= 1 and metrics["epochs_completed"] == 3
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2, 3]
+    assert metrics["test_accuracy"] > 0.9
+    import tensorflow as tf
+    assert "serving_default" in tf.saved_model.load(os.path.join(job_dir, "model")).signatures
+
+
+def test_sigterm_saves_exits_143_and_the_rerun_resumes_mid_epoch(digits_idx, tmp_path):
+    job_dir = str(tmp_path / "job")
+    args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "2", "--batch-size", "16",
+            "--job-dir", job_dir]
+    log = str(tmp_path / "first.log")
+    process = start_cli(args, log)
+    wait_for_line(log, "epoch 1/2", process)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 143
+    assert time.monotonic() - signalled < 10
+    assert "stopped by SIGTERM at epoch 2" in open(log).read()
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    metrics = read_metrics(job_dir)
+    assert metrics["initial_epoch"] == 1 and metrics["initial_step"] >= 1 and metrics["epochs_completed"] == 2
+
+
+def test_resuming_with_other_model_settings_is_refused(digits_idx, tmp_path):
+    job_dir = str(tmp_path / "job")
+    base = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600", "--job-dir", job_dir]
+    assert run_task(base + ["--epochs", "1"])[0] == 0
+    code, _, err = run_task(base + ["--epochs", "2", "--dropout", "0.3"])
+    assert code == 1 and "dropout 0.5 -> 0.3" in err and "--no-resume" in err
+    code, out, err = run_task(base + ["--epochs", "1", "--dropout", "0.3", "--no-resume"])
+    assert code == 0, err
+    assert read_metrics(job_dir)["initial_epoch"] == 0
+
+
+def test_multi_worker_sigterm_to_both_then_both_resume(digits_idx, tmp_path):
+    job_dirs = [str(tmp_path / "job")] * 2  # the same command on both workers, as Vertex AI runs it
+    tmp_dirs = [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]
+    for folder in tmp_dirs:
+        os.makedirs(folder)
+    extra = ["--epochs", "3", "--batch-size", "32"]
+    logs = [str(tmp_path / "a0.log"), str(tmp_path / "a1.log")]
+    processes = _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)
+    wait_for_line(logs[0], "epoch 1/3", processes[0])
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    assert _wait(processes, timeout=60) == [143, 143]
+    logs = [str(tmp_path / "b0.log"), str(tmp_path / "b1.log")]
+    assert _wait(_start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)) == [0, 0]
+    outputs = [open(log).read() for log in logs]
+    assert all("resuming from" in output for output in outputs)
+    assert checksum(outputs[0]) == checksum(outputs[1])
+    metrics = read_metrics(job_dirs[0])
+    assert metrics["initial_epoch"] >= 1 and metrics["epochs_completed"] == 3 and metrics["num_replicas"] == 2
+
+
+def test_bf16_mixed_precision_trains_and_serves_float32(digits_idx, tmp_path):
+    import numpy as np
+    import tensorflow as tf
+
+    job_dir = str(tmp_path / "bf16")
+    result = run_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "2",
+                      "--mixed-precision", "bf16", "--job-dir", job_dir])
+    assert result.returncode == 0, result.stderr
+    assert "mixed_bfloat16" in result.stdout
+    assert read_metrics(job_dir)["test_accuracy"] > 0.85
+    serving = tf.saved_model.load(os.path.join(job_dir, "model")).signatures["serving_default"]
+    outputs = serving(image=tf.zeros([2, 28, 28], tf.uint8))
+    assert outputs["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(outputs["probabilities"].numpy().sum(axis=1), 1.0, atol=1e-3)
