@@ -2,7 +2,6 @@
 
 import gzip
 import os
-import shutil
 import struct
 import time
 
@@ -11,7 +10,7 @@ import pytest
 
 from conftest import run_task
 from trainer.config import Config
-from trainer.data import load_idx_folder, read_idx, split_arrays, write_idx, _reachable
+from trainer.data import load_idx_folder, split_arrays, write_idx, _reachable
 from trainer.errors import TrainerError
 
 

@@ -10,12 +10,9 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
-import pytest
-
-from conftest import (ROOT_DIR, free_port, read_metrics, run_cli, run_task, start_cli, trainer_env,
+from conftest import (free_port, read_metrics, run_cli, run_task, start_cli,
                       wait_for_line)
 from trainer.distribute import attached_tpu, chief_of, cluster_config
 

@@ -89,8 +89,8 @@ def _find_idx_file(folder: str, stem: str) -> str:
 def load_idx_folder(folder: str) -> dict:
     """The four arrays of an IDX folder, checked for matching counts."""
     if folder.startswith("gs://"):
-        raise TrainerError(f"{folder}: reading idx:gs:// folders needs the Cloud Storage support, which this "
-                           "version does not have yet; copy the files locally (gsutil cp) and pass that folder")
+        from trainer.storage import cached_copy
+        folder = cached_copy(folder)  # downloaded once, reused while the objects are unchanged
     if not os.path.isdir(folder):
         raise TrainerError(f"{folder}: no such folder (--dataset idx:{folder})")
     arrays = {key: read_idx(_find_idx_file(folder, stem), key.split("_")[1]) for key, stem in IDX_FILES.items()}

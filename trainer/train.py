@@ -8,13 +8,10 @@ every strategy. Tests pass `splits` and `resolved` to bypass loading and strateg
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from typing import List, Optional
@@ -25,6 +22,7 @@ from trainer import data as data_lib
 from trainer import export
 from trainer.config import Config
 from trainer.errors import Interrupted, TrainerError, require_tensorflow
+from trainer.outputs import Outputs, prepare_outputs
 
 # Settings a checkpoint must share with the run that resumes from it (epochs may grow; hardware may change).
 RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters", "dense_units", "dropout",
@@ -32,54 +30,6 @@ RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 EVAL_BATCH_SIZE = 1000
-
-
-@dataclasses.dataclass
-class Outputs:
-    """Where this process writes. Non-chief workers get throwaway folders, deleted at the end."""
-
-    job_dir: str
-    model_dir: str
-    log_dir: str
-    checkpoint_dir: str
-    is_chief: bool
-    scratch: Optional[str] = None
-
-    @property
-    def metrics_path(self) -> str:
-        return os.path.join(self.job_dir, "metrics.json")
-
-    @property
-    def plots_dir(self) -> str:
-        return os.path.join(self.job_dir, "plots")
-
-
-def prepare_outputs(config: Config, is_chief: bool, task_id: int = 0) -> Outputs:
-    """Create the output folders now, so an unwritable job dir fails before any data loads or training."""
-    paths = dict(job_dir=config.job_dir, model_dir=config.model_dir, log_dir=config.log_dir,
-                 checkpoint_dir=config.checkpoint_dir)
-    for name, path in paths.items():
-        if path.startswith("gs://"):
-            raise TrainerError(f"--{name.replace('_', '-')} {path}: gs:// outputs need the Cloud Storage "
-                               "support, which this version does not have yet; use a local folder")
-    scratch = None
-    if not is_chief:
-        scratch = tempfile.mkdtemp(prefix=f"worker{task_id}-")
-        paths = {name: os.path.join(scratch, name) for name in paths}
-    for name in ("job_dir", "log_dir", "checkpoint_dir"):
-        _make_dir(paths[name], name)
-    _make_dir(os.path.dirname(os.path.abspath(paths["model_dir"])), "model_dir")
-    return Outputs(is_chief=is_chief, scratch=scratch, **paths)
-
-
-def _make_dir(path: str, name: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-")
-        probe.close()
-    except OSError as error:
-        raise TrainerError(f"--{name.replace('_', '-')} {path}: cannot write there ({error.strerror or error})") \
-            from None
 
 
 class StopRequest:
@@ -152,8 +102,8 @@ def _restore(config: Config, outputs: Outputs, checkpoint) -> List[dict]:
     """
     import tensorflow as tf
 
-    source = config.checkpoint_dir
-    latest = tf.train.latest_checkpoint(source) if config.resume and os.path.isdir(source) else None
+    source = outputs.restore_dir
+    latest = tf.train.latest_checkpoint(source) if source and os.path.isdir(source) else None
     if not config.resume and outputs.is_chief:
         _clear_checkpoints(outputs.checkpoint_dir)
     if latest:
@@ -162,13 +112,14 @@ def _restore(config: Config, outputs: Outputs, checkpoint) -> List[dict]:
         differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
         if differ:
             changes = ", ".join(f"{key} {saved[key]!r} -> {wanted[key]!r}" for key in differ)
-            raise TrainerError(f"--checkpoint-dir {source}: holds a checkpoint of a run with other settings "
+            raise TrainerError(f"--checkpoint-dir {config.checkpoint_dir}: holds a checkpoint of a run with other settings "
                                f"({changes}); pass --no-resume to start fresh or use another --job-dir")
         checkpoint.restore(latest).assert_existing_objects_matched()
         history = _json_load(os.path.join(source, HISTORY_FILE), [])
         return [row for row in history if row["epoch"] <= int(checkpoint.epoch.numpy())]
     if outputs.is_chief:
         export.write_json_atomic(os.path.join(outputs.checkpoint_dir, RUN_CONFIG_FILE), _resume_settings(config))
+        outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
     return []
 
 
@@ -231,16 +182,23 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
 
 
 def _run(config: Config, splits, resolved, policy: str, log) -> dict:
+    if config.batch_size % resolved.num_replicas:
+        raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
+                           f"replicas of the {resolved.name} strategy")
+    outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
+    try:
+        return _train(config, splits, resolved, policy, log, outputs)
+    finally:
+        outputs.close()
+
+
+def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs) -> dict:
     import keras
     import tensorflow as tf
 
     from trainer.model import build_model
 
     strategy = resolved.strategy
-    if config.batch_size % resolved.num_replicas:
-        raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
-                           f"replicas of the {resolved.name} strategy")
-    outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
     splits = splits or data_lib.load_splits(config)
     train_images, train_labels = splits.train
     steps = data_lib.steps_per_epoch(len(train_images), config.batch_size)
@@ -266,8 +224,7 @@ def _run(config: Config, splits, resolved, policy: str, log) -> dict:
     manager = tf.train.CheckpointManager(checkpoint, outputs.checkpoint_dir, max_to_keep=2)
     initial_epoch, initial_step = int(epoch_var.numpy()), int(step_var.numpy())
     if initial_epoch or initial_step:
-        log(f"resuming from {tf.train.latest_checkpoint(config.checkpoint_dir)} at epoch {initial_epoch + 1}, "
-            f"step {initial_step}")
+        log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
@@ -340,6 +297,8 @@ def _run(config: Config, splits, resolved, policy: str, log) -> dict:
                 epoch_var.assign(epoch)
                 step_var.assign(done)
                 saved = manager.save(checkpoint_number=epoch * steps + done)
+                outputs.sync_checkpoints()
+                outputs.sync_logs()
                 reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
                 raise Interrupted(stop.exit_code, f"stopped by {reason} at epoch {epoch + 1}, step {done}/{steps}; "
                                                   f"checkpoint {saved}; rerun the same command to resume")
@@ -359,11 +318,13 @@ def _run(config: Config, splits, resolved, policy: str, log) -> dict:
                 tf.summary.scalar("epoch_accuracy", val_accuracy, step=epoch + 1)
             train_writer.flush()
             validation_writer.flush()
+            outputs.sync_logs()  # live progress in (Vertex) TensorBoard reading the gs:// log dir
             history.append(row)
             epoch_var.assign(epoch + 1)
             step_var.assign(0)
             manager.save(checkpoint_number=(epoch + 1) * steps)
             export.write_json_atomic(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), history)
+            outputs.sync_checkpoints()
             log(_epoch_line({**row, **timing}, config.epochs))  # printed once the epoch is safely saved
             if stopping:  # the signal came during the epoch's last chunk: saved, stop here
                 reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
@@ -392,9 +353,11 @@ def _run(config: Config, splits, resolved, policy: str, log) -> dict:
     with validation_writer.as_default():
         tf.summary.image("misclassified", tf.image.decode_png(misclassified)[tf.newaxis], step=config.epochs)
     validation_writer.flush()
+    outputs.sync_logs()
     # Every worker exports (saving may involve collectives); only the chief's lands in the real model dir.
     export.export_model(model, outputs.model_dir, splits.class_names)
     if outputs.is_chief:
+        outputs.publish_model()
         pngs = export.curve_pngs(history)
         matrix = export.confusion_matrix(splits.test[1], test_predictions)
         pngs["confusion_matrix.png"] = export.confusion_png(
@@ -402,7 +365,7 @@ def _run(config: Config, splits, resolved, policy: str, log) -> dict:
         pngs["misclassified.png"] = misclassified
         export.write_plots(outputs.plots_dir, pngs)
         export.write_json_atomic(outputs.metrics_path, metrics)
-        log(f"wrote {outputs.model_dir}, {outputs.metrics_path}, {outputs.plots_dir}, logs in {outputs.log_dir}")
-    if outputs.scratch:
-        shutil.rmtree(outputs.scratch, ignore_errors=True)
+        outputs.publish_job_files()
+        log(f"wrote {outputs.shown('model_dir')}, metrics.json and plots/ in {outputs.shown('job_dir')}, "
+            f"logs in {outputs.shown('log_dir')}")
     return metrics

@@ -1,0 +1,110 @@
+"""Where one process writes: local folders, staged copies of gs:// folders, or a worker's scratch space.
+
+TensorFlow writes only to local paths here. For a gs:// folder the trainer writes to a local staging
+folder and syncs it through `trainer.storage`: TensorBoard events after every epoch, checkpoints after
+every save (the `checkpoint` index last, deletions mirrored), and at the end the model (atomically),
+plots and metrics.json (last). Non-chief workers write to scratch folders that are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+from trainer import storage
+from trainer.config import Config
+from trainer.errors import TrainerError
+
+NAMES = ("job_dir", "model_dir", "log_dir", "checkpoint_dir")
+
+
+@dataclasses.dataclass
+class Outputs:
+    job_dir: str
+    model_dir: str
+    log_dir: str
+    checkpoint_dir: str
+    is_chief: bool
+    restore_dir: Optional[str]  # a local folder holding the checkpoints to resume from (None: start fresh)
+    remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
+    scratch: Optional[str] = None
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.job_dir, "metrics.json")
+
+    @property
+    def plots_dir(self) -> str:
+        return os.path.join(self.job_dir, "plots")
+
+    def shown(self, name: str) -> str:
+        """The user's path for an output (the gs:// URL when staged)."""
+        return self.remote.get(name, getattr(self, name))
+
+    def sync_logs(self) -> None:
+        if "log_dir" in self.remote:
+            storage.sync_up(self.log_dir, self.remote["log_dir"])
+
+    def sync_checkpoints(self) -> None:
+        if "checkpoint_dir" in self.remote:
+            storage.sync_up(self.checkpoint_dir, self.remote["checkpoint_dir"], mirror_deletions=True,
+                            last=("checkpoint",))
+
+    def publish_model(self) -> None:
+        if "model_dir" in self.remote:
+            storage.publish_model(self.model_dir, self.remote["model_dir"])
+
+    def publish_job_files(self) -> None:
+        """Plots, then metrics.json last: its presence says the run finished."""
+        if "job_dir" in self.remote:
+            url = self.remote["job_dir"].rstrip("/")
+            storage.sync_up(self.plots_dir, f"{url}/plots")
+            storage.upload_file(self.metrics_path, f"{url}/metrics.json")
+
+    def close(self) -> None:
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _make_dir(path: str, flag: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
+    except OSError as error:
+        raise TrainerError(f"--{flag} {path}: cannot write there ({error.strerror or error})") from None
+
+
+def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> Outputs:
+    """Check and create every output now, so a bad path fails before data loads or training starts."""
+    requested = {name: getattr(config, name) for name in NAMES}
+    staged = not is_chief or any(storage.is_gcs(path) for path in requested.values())
+    scratch = tempfile.mkdtemp(prefix=f"worker{task_id}-" if not is_chief else "mnist-trainer-staging-") \
+        if staged else None
+    local, remote = {}, {}
+    for name, path in requested.items():
+        if not is_chief or storage.is_gcs(path):
+            local[name] = os.path.join(scratch, name)
+            if is_chief:
+                remote[name] = path
+        else:
+            local[name] = path
+    try:
+        for url in dict.fromkeys(remote.values()):
+            storage.check_writable(url)
+        for name in ("job_dir", "log_dir", "checkpoint_dir"):
+            _make_dir(local[name], name.replace("_", "-"))
+        _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir")
+        restore_dir = None
+        if config.resume:
+            restore_dir = config.checkpoint_dir
+            if storage.is_gcs(config.checkpoint_dir):  # every worker resumes from the chief's checkpoints
+                restore_dir = local["checkpoint_dir"] if is_chief else os.path.join(scratch, "restore")
+                storage.download_dir(config.checkpoint_dir, restore_dir)
+    except BaseException:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, **local)

@@ -1,0 +1,224 @@
+"""Local <-> gs:// copies through google-cloud-storage.
+
+TensorFlow's own gs:// filesystem cannot be pointed at an emulator, so the trainer writes everything
+locally (a staging folder) and copies it here. Credentials are Application Default Credentials; with
+STORAGE_EMULATOR_HOST set (fake-gcs-server in the tests) the client talks to that server anonymously.
+Uploads are checked (crc32c by the client, then the stored size) and retried on transient errors.
+Error messages name buckets and objects, never credentials or request URLs.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import os
+import time
+import uuid
+from typing import Iterable, Optional, Tuple
+
+from trainer.errors import TrainerError
+
+SUCCESS_MARKER = "_SUCCESS"
+_ATTEMPTS = 3
+
+
+def is_gcs(path: Optional[str]) -> bool:
+    return bool(path) and path.startswith("gs://")
+
+
+def split_url(url: str) -> Tuple[str, str]:
+    """gs://bucket/a/b/ -> ("bucket", "a/b") ; the prefix has no leading or trailing slash."""
+    if not is_gcs(url):
+        raise ValueError(f"not a gs:// URL: {url}")
+    bucket, _, prefix = url[len("gs://"):].partition("/")
+    if not bucket:
+        raise TrainerError(f"{url}: no bucket name")
+    return bucket, prefix.strip("/")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+@functools.lru_cache(maxsize=1)
+def client():
+    """One client per process: ADC in the cloud, anonymous against STORAGE_EMULATOR_HOST."""
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+        return storage.Client(project="emulator", credentials=AnonymousCredentials())
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        credentials, project = google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise TrainerError("gs:// paths need Google Cloud credentials: run `gcloud auth application-default "
+                           "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file") from None
+    return storage.Client(project=project or os.environ.get("GOOGLE_CLOUD_PROJECT"), credentials=credentials)
+
+
+def _describe(error: Exception) -> str:
+    """A fault's kind and HTTP status, without the request URL or any header."""
+    code = getattr(error, "code", None)
+    return f"{type(error).__name__}{f' {code}' if code else ''}"
+
+
+def _retrying(action, what: str, not_found: Optional[str] = None):
+    from google.api_core import exceptions
+
+    transient = (exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway,
+                 exceptions.ServiceUnavailable, exceptions.GatewayTimeout, ConnectionError, TimeoutError)
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            return action()
+        except exceptions.NotFound:
+            raise TrainerError(not_found or f"{what}: not found") from None
+        except (transient + (_ChecksumMismatch,)) as error:
+            if attempt == _ATTEMPTS:
+                raise TrainerError(f"{what}: failed after {_ATTEMPTS} attempts ({_describe(error)})") from None
+            time.sleep(0.5 * 2 ** attempt)
+        except exceptions.GoogleAPICallError as error:
+            raise TrainerError(f"{what}: {_describe(error)}") from None
+
+
+class _ChecksumMismatch(Exception):
+    pass
+
+
+def _crc32c(path: str) -> str:
+    import google_crc32c
+
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            checksum.update(block)
+    return base64.b64encode(checksum.digest()).decode()
+
+
+def check_writable(url: str) -> None:
+    """Fail fast (before training) on a missing bucket, missing credentials or no write permission."""
+    from google.api_core import exceptions
+
+    bucket_name, prefix = split_url(url)
+    probe = client().bucket(bucket_name).blob(_join(prefix, f".write-test-{uuid.uuid4().hex}"))
+    try:
+        probe.upload_from_string(b"", retry=None)
+        probe.delete()
+    except exceptions.NotFound:
+        raise TrainerError(f"gs://{bucket_name}: bucket does not exist (create it, or fix the path {url})") from None
+    except exceptions.Forbidden:
+        raise TrainerError(f"{url}: no permission to write objects in bucket {bucket_name}") from None
+    except exceptions.GoogleAPICallError as error:
+        raise TrainerError(f"{url}: cannot write ({_describe(error)})") from None
+    except Exception as error:  # connection refused, DNS failure...
+        raise TrainerError(f"{url}: cannot reach Cloud Storage ({type(error).__name__})") from None
+
+
+def upload_file(local_path: str, url: str) -> None:
+    """Copy one file; crc32c checked by the client, size checked after, transient faults retried."""
+    bucket_name, name = split_url(url)
+    blob = client().bucket(bucket_name).blob(name)
+    size = os.path.getsize(local_path)
+
+    def upload():
+        blob.upload_from_filename(local_path, checksum="crc32c")
+        blob.reload()
+        if blob.size != size:
+            raise _ChecksumMismatch(f"stored {blob.size} bytes, expected {size}")
+
+    _retrying(upload, f"upload of {local_path} to {url}")
+
+
+def _local_files(folder: str) -> Iterable[str]:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            yield os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+
+
+def list_objects(url: str) -> dict:
+    """{relative name: blob} under a gs:// folder."""
+    bucket_name, prefix = split_url(url)
+    folder = prefix + "/" if prefix else ""
+    blobs = _retrying(lambda: list(client().list_blobs(bucket_name, prefix=folder)), f"listing {url}",
+                      not_found=f"gs://{bucket_name}: bucket does not exist (from {url})")
+    return {blob.name[len(folder):]: blob for blob in blobs if not blob.name.endswith("/")}
+
+
+def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = ()) -> None:
+    """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions."""
+    remote = list_objects(url)
+    local = sorted(_local_files(local_dir), key=lambda name: name in set(last))
+    for name in local:
+        path = os.path.join(local_dir, name)
+        blob = remote.get(name)
+        if blob is None or blob.size != os.path.getsize(path) or blob.crc32c != _crc32c(path):
+            upload_file(path, f"{url.rstrip('/')}/{name}")
+    if mirror_deletions:
+        for name in set(remote) - set(local):
+            _retrying(remote[name].delete, f"deleting {url.rstrip('/')}/{name}")
+
+
+def download_dir(url: str, local_dir: str) -> int:
+    """Copy every object under a gs:// folder into local_dir, skipping files already equal; returns the count."""
+    objects = list_objects(url)
+    for name, blob in objects.items():
+        path = os.path.join(local_dir, *name.split("/"))
+        if os.path.isfile(path) and os.path.getsize(path) == blob.size and _crc32c(path) == blob.crc32c:
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.partial-{os.getpid()}"
+        _retrying(lambda: blob.download_to_filename(partial, checksum="crc32c"), f"download of {url}/{name}")
+        os.replace(partial, path)
+    return len(objects)
+
+
+def publish_model(local_dir: str, url: str) -> None:
+    """Put a finished model folder at `url` so that no reader sees half of it.
+
+    Cloud Storage has no rename: the files go to a temporary prefix first (an interrupted upload leaves
+    the old model untouched), then `_SUCCESS` is removed, the files are copied server-side into place,
+    stale objects are deleted and `_SUCCESS` is written last. Readers wait for `_SUCCESS`.
+    """
+    bucket_name, prefix = split_url(url)
+    bucket = client().bucket(bucket_name)
+    staged_url = f"gs://{bucket_name}/{prefix}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        sync_up(local_dir, staged_url)
+    except BaseException:
+        _delete_quietly(staged_url)
+        raise
+    staged = list_objects(staged_url)
+    marker = bucket.blob(_join(prefix, SUCCESS_MARKER))
+    _retrying(lambda: marker.exists() and marker.delete(), f"removing {url}/{SUCCESS_MARKER}")
+    for name, blob in staged.items():
+        _retrying(lambda blob=blob, name=name: bucket.copy_blob(blob, bucket, _join(prefix, name)),
+                  f"copying {name} into {url}")
+    for name, blob in list_objects(url).items():
+        if name not in staged and name != SUCCESS_MARKER:
+            _retrying(blob.delete, f"deleting stale {url}/{name}")
+    _retrying(lambda: marker.upload_from_string(b""), f"writing {url}/{SUCCESS_MARKER}")
+    for blob in staged.values():
+        _retrying(blob.delete, "removing the temporary upload")
+
+
+def _delete_quietly(url: str) -> None:
+    """Best-effort removal of a temporary prefix after a failure (the failure is what gets reported)."""
+    try:
+        for blob in list_objects(url).values():
+            blob.delete()
+    except Exception:
+        pass
+
+
+def cached_copy(url: str, cache_root: Optional[str] = None) -> str:
+    """A local copy of a gs:// folder (e.g. an idx: dataset), downloaded once and reused while unchanged."""
+    bucket_name, prefix = split_url(url)
+    cache_root = cache_root or os.environ.get("MNIST_TRAINER_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mnist-trainer")
+    local = os.path.join(cache_root, "gcs", bucket_name, *[part for part in prefix.split("/") if part])
+    os.makedirs(local, exist_ok=True)
+    if download_dir(url, local) == 0:
+        raise TrainerError(f"{url}: no objects there (or the bucket does not exist)")
+    return local
