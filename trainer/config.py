@@ -63,6 +63,7 @@ class Config:
     steps_per_execution: int = 1
     resume: bool = True
     class_names: str = "auto"
+    hypertune: bool = False
 
     def __post_init__(self):
         # Derived folders default to the job dir's sub-folders (DESIGN.md's output layout).
@@ -180,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint folder (default: AIP_CHECKPOINT_DIR, else JOB_DIR/checkpoints)")
     out.add_argument("--no-resume", dest="resume", action="store_false",
                      help="start fresh even when the checkpoint folder holds a checkpoint")
+    out.add_argument("--hypertune", action="store_true",
+                     help="report val_accuracy every epoch through cloudml-hypertune (Vertex AI tuning jobs; "
+                          "on by default when CLOUD_ML_HP_METRIC_FILE is set)")
+    model.add_argument("--hparams-file", default=None,
+                       help="JSON of flag values (e.g. tuning's best_hyperparameters.json); explicit flags win")
 
     dist = parser.add_argument_group("distribution")
     dist.add_argument("--strategy", choices=STRATEGIES, default="auto",
@@ -207,12 +213,46 @@ def default_job_dir(environ: Mapping[str, str], now: Optional[datetime.datetime]
     return os.path.join("runs", now.strftime("%Y%m%d-%H%M%S"))
 
 
+HPARAM_KEYS = {"filters": _positive_int_list, "dropout": float, "dense_units": int, "learning_rate": float,
+               "batch_size": int, "epochs": int}
+
+
+def read_hparams_file(path: str) -> dict:
+    """Flag values from a JSON file (keys are flag names with underscores); an I/O fault, so TrainerError."""
+    import json
+
+    from trainer.errors import TrainerError
+
+    try:
+        with open(path) as handle:
+            raw = json.load(handle)
+    except OSError as error:
+        raise TrainerError(f"--hparams-file {path}: cannot read it ({error.strerror})") from None
+    except json.JSONDecodeError as error:
+        raise TrainerError(f"--hparams-file {path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise TrainerError(f"--hparams-file {path}: expected a JSON object of flag values")
+    unknown = sorted(set(raw) - set(HPARAM_KEYS))
+    if unknown:
+        raise TrainerError(f"--hparams-file {path}: unknown setting(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(HPARAM_KEYS))}")
+    values = {}
+    for key, value in raw.items():
+        try:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            values[key] = HPARAM_KEYS[key](text)
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise TrainerError(f"--hparams-file {path}: bad value for {key}: {value!r} ({error})") from None
+    return values
+
+
 def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
     """Parse the command line into a Config; exits 2 (argparse style) on any syntax or range error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
-    values = {key: getattr(args, key) if getattr(args, key) is not None else default
+    from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
+    values = {key: getattr(args, key) if getattr(args, key) is not None else from_file.get(key, default)
               for key, default in preset.items()}
     job_dir = args.job_dir or default_job_dir(environ)
     try:
@@ -237,6 +277,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             steps_per_execution=args.steps_per_execution,
             resume=args.resume,
             class_names=args.class_names,
+            hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),
             **values,
         )
     except ValueError as error:

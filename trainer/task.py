@@ -21,7 +21,11 @@ def _quiet_tensorflow() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    config = parse_config(argv, os.environ)  # exits 2 on a syntax or range error
+    try:
+        config = parse_config(argv, os.environ)  # exits 2 on a syntax or range error
+    except TrainerError as error:  # --hparams-file could not be read
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     _quiet_tensorflow()
     try:
         from trainer.train import train_and_evaluate

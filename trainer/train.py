@@ -8,13 +8,14 @@ every strategy. Tests pass `splits` and `resolved` to bypass loading and strateg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -123,6 +124,19 @@ def _restore(config: Config, outputs: Outputs, checkpoint) -> List[dict]:
     return []
 
 
+def hypertune_reporter(config: Config):
+    """cloudml-hypertune's reporter when Vertex AI's tuning service drives the run (one instance per run:
+    version 0.1.0.dev6 rewrites its whole file from memory on every report)."""
+    if not config.hypertune:
+        return None
+    try:
+        import hypertune
+    except ModuleNotFoundError:
+        raise TrainerError("--hypertune (or CLOUD_ML_HP_METRIC_FILE) needs cloudml-hypertune: "
+                           "pip install 'mnist-trainer[cloud]'") from None
+    return hypertune.HyperTune()
+
+
 def weights_checksum(model) -> str:
     """A short digest of every weight: equal on all workers of a synchronous run, printed at the end."""
     import hashlib
@@ -153,12 +167,22 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
     return float(-np.log(picked).mean()), float((predictions == labels).mean()), predictions
 
 
+@dataclasses.dataclass
+class Trial:
+    """Makes a run a search trial (tuning/): Keras callbacks driven per epoch, optional starting weights
+    (Hyperband continues earlier trials), and no test evaluation or export: the test split is kept for
+    the final retraining."""
+
+    callbacks: Sequence = ()
+    initial_weights: Optional[list] = None
+
+
 def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None,
-                       log=print, environ=None) -> dict:
+                       log=print, environ=None, trial: Optional[Trial] = None) -> dict:
     """Train, evaluate on the test split once, export; returns the metrics written to metrics.json.
 
     `environ` (default os.environ) supplies TF_CONFIG, CLUSTER_SPEC and TPU_NAME; tests may pass `splits`
-    and an already `resolved` strategy instead.
+    and an already `resolved` strategy instead. With `trial`, returns the history and validation figures.
     """
     require_tensorflow()
     import keras
@@ -176,23 +200,23 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     policy = mixed_precision_policy(config.mixed_precision, resolved)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return _run(config, splits, resolved, policy, log)
+        return _run(config, splits, resolved, policy, log, trial)
     finally:
         keras.mixed_precision.set_global_policy("float32")  # process-wide: leave it as found
 
 
-def _run(config: Config, splits, resolved, policy: str, log) -> dict:
+def _run(config: Config, splits, resolved, policy: str, log, trial) -> dict:
     if config.batch_size % resolved.num_replicas:
         raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
                            f"replicas of the {resolved.name} strategy")
     outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
     try:
-        return _train(config, splits, resolved, policy, log, outputs)
+        return _train(config, splits, resolved, policy, log, outputs, trial)
     finally:
         outputs.close()
 
 
-def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs) -> dict:
+def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs, trial: Optional[Trial]) -> dict:
     import keras
     import tensorflow as tf
 
@@ -217,6 +241,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs)
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Built inside the scope before the first step, or a 2-replica MirroredStrategy fails (DESIGN.md).
         optimizer.build(model.trainable_variables)
+        if trial and trial.initial_weights is not None:
+            model.set_weights(trial.initial_weights)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, step=step_var)
@@ -269,6 +295,11 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs)
         tf.summary.text("config", "| setting | value |\n|---|---|\n" + config_table, step=initial_epoch)
 
     train_seconds, examples_trained = 0.0, 0
+    callbacks = list(trial.callbacks) if trial else []
+    for callback in callbacks:
+        callback.set_model(model)
+        callback.on_train_begin()
+    reporter = hypertune_reporter(config)
     with StopRequest() as stop:
         for epoch in range(initial_epoch, config.epochs):
             skip = initial_step if epoch == initial_epoch else 0
@@ -326,11 +357,22 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs)
             export.write_json_atomic(os.path.join(outputs.checkpoint_dir, HISTORY_FILE), history)
             outputs.sync_checkpoints()
             log(_epoch_line({**row, **timing}, config.epochs))  # printed once the epoch is safely saved
+            if reporter:
+                reporter.report_hyperparameter_tuning_metric(
+                    hyperparameter_metric_tag="val_accuracy", metric_value=val_accuracy, global_step=epoch + 1)
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, logs=dict(row))
             if stopping:  # the signal came during the epoch's last chunk: saved, stop here
                 reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
                 raise Interrupted(stop.exit_code, f"stopped by {reason} after epoch {epoch + 1}; checkpoint "
                                                   f"{manager.latest_checkpoint}; rerun the same command to resume")
 
+    for callback in callbacks:
+        callback.on_train_end()
+    if trial:
+        best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
+        return dict(history=history, val_accuracy=best.get("val_accuracy"), val_loss=best.get("val_loss"),
+                    train_seconds=train_seconds)
     test_loss, test_accuracy, test_predictions = evaluate(predict, *splits.test)
     log(f"test_loss {test_loss:.4f}  test_accuracy {test_accuracy:.4f}  ({len(splits.test[0])} test examples)")
     log(f"weights checksum {weights_checksum(model)}")
