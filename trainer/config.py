@@ -24,12 +24,16 @@ CLASS_NAME_SETS = {
 
 # The seed notebook's recipe, exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
 # `default` is the project's recipe; it starts as the seed's and is tuned by measurement (see README).
+SEED_RECIPE = dict(filters=(32, 64), dense_units=128, dropout=0.5, learning_rate=1e-3, batch_size=128, epochs=10,
+                   convs_per_block=1, padding="valid", batch_norm=False, lr_schedule="constant", warmup_epochs=0.0,
+                   augment="none")
 PRESETS = {
-    "seed": dict(filters=(32, 64), dense_units=128, dropout=0.5, learning_rate=1e-3,
-                 batch_size=128, epochs=10),
-    "default": dict(filters=(32, 64), dense_units=128, dropout=0.5, learning_rate=1e-3,
-                    batch_size=128, epochs=10),
+    "seed": SEED_RECIPE,
+    "default": dict(SEED_RECIPE),
 }
+LR_SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = ("none", "shift", "shift-flip")
+PADDINGS = ("valid", "same")
 
 _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:[0-9.*]+)?$")
 
@@ -49,6 +53,12 @@ class Config:
     filters: Tuple[int, ...] = (32, 64)
     dense_units: int = 128
     dropout: float = 0.5
+    convs_per_block: int = 1
+    padding: str = "valid"
+    batch_norm: bool = False
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    augment: str = "none"
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -106,6 +116,12 @@ def validate(config: Config) -> None:
             f"--filters needs one or more positive integers, got {','.join(map(str, config.filters))}")
     require(config.dense_units >= 1, f"--dense-units must be at least 1, got {config.dense_units}")
     require(0.0 <= config.dropout < 1.0, f"--dropout must be in [0, 1), got {config.dropout}")
+    require(config.convs_per_block >= 1, f"--convs-per-block must be at least 1, got {config.convs_per_block}")
+    require(config.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}")
+    require(config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
+    require(0.0 <= config.warmup_epochs < config.epochs,
+            f"--warmup-epochs must be in [0, epochs), got {config.warmup_epochs}")
+    require(config.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}")
     require(0.0 < config.validation_fraction < 1.0,
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
@@ -169,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma list of conv filter counts, one conv+pool block each")
     model.add_argument("--dense-units", type=int, default=None)
     model.add_argument("--dropout", type=float, default=None, help="dropout rate before the output layer")
+    model.add_argument("--convs-per-block", type=int, default=None, help="3x3 convolutions before each max-pool")
+    model.add_argument("--padding", choices=PADDINGS, default=None, help="conv padding (same keeps 28x28 per block)")
+    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                       help="batch normalisation after each conv and the dense layer")
+    model.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
+                       help="constant, or cosine decay to 0 over the run (after --warmup-epochs of linear warm-up)")
+    model.add_argument("--warmup-epochs", type=float, default=None, help="linear learning-rate warm-up")
+    model.add_argument("--augment", choices=AUGMENTATIONS, default=None,
+                       help="training-time augmentation: random shifts of up to 2 pixels (and horizontal flips: "
+                            "fine for clothing, wrong for digits)")
     model.add_argument("--seed", type=int, default=42, help="seeds weights, shuffling, dropout and the split")
 
     out = parser.add_argument_group("outputs (local paths or gs://; AIP_* variables are the defaults on Vertex AI)")
@@ -213,8 +239,17 @@ def default_job_dir(environ: Mapping[str, str], now: Optional[datetime.datetime]
     return os.path.join("runs", now.strftime("%Y%m%d-%H%M%S"))
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 HPARAM_KEYS = {"filters": _positive_int_list, "dropout": float, "dense_units": int, "learning_rate": float,
-               "batch_size": int, "epochs": int}
+               "batch_size": int, "epochs": int, "convs_per_block": int, "padding": str, "batch_norm": _bool,
+               "lr_schedule": str, "warmup_epochs": float, "augment": str}
 
 
 def read_hparams_file(path: str) -> dict:

@@ -1,7 +1,8 @@
 """build_model(config): the seed CNN, parameterised by conv filters, dense units and dropout.
 
-Conv2D(f, 3, relu) + MaxPool(2) per entry of `filters`, then Flatten, Dense(dense_units, relu),
-Dropout(dropout), Dense(10, softmax). Input named `image`: float32 [N, 28, 28, 1] in [0, 1].
+Conv2D(f, 3, relu) (x convs_per_block) + MaxPool(2) per entry of `filters`, then Flatten,
+Dense(dense_units, relu), Dropout(dropout), Dense(10, softmax); optional batch normalisation and
+training-time augmentation layers. Input named `image`: float32 [N, 28, 28, 1] in [0, 1].
 The model knows nothing about data or strategies; build it inside `strategy.scope()`.
 """
 
@@ -15,40 +16,69 @@ IMAGE_SIZE = 28
 NUM_CLASSES = 10
 
 
-def feature_map_sizes(filters: Sequence[int], size: int = IMAGE_SIZE) -> list:
-    """Spatial size after each conv (valid 3x3) + pool (2x2) block; raises when a block has nothing left."""
+def feature_map_sizes(filters: Sequence[int], size: int = IMAGE_SIZE, convs_per_block: int = 1,
+                      padding: str = "valid") -> list:
+    """Spatial size after each block (3x3 convs, then a 2x2 pool); raises when a block has nothing left."""
+    shrink = 2 * convs_per_block if padding == "valid" else 0
     sizes = []
     for block, _ in enumerate(filters, start=1):
-        after_conv = size - 2
-        if after_conv < 2:
+        after_convs = size - shrink
+        if after_convs < 2:
             raise TrainerError(f"--filters {','.join(map(str, filters))}: {len(filters)} conv blocks are too "
                                f"deep for {IMAGE_SIZE}x{IMAGE_SIZE} images (block {block} gets a {size}x{size} "
-                               f"input; at most {max_blocks()} blocks fit)")
-        size = after_conv // 2
+                               f"input; at most {max_blocks(IMAGE_SIZE, shrink)} blocks fit with "
+                               f"--padding {padding} and --convs-per-block {convs_per_block})")
+        size = after_convs // 2
         sizes.append(size)
     return sizes
 
 
-def max_blocks(size: int = IMAGE_SIZE) -> int:
+def max_blocks(size: int = IMAGE_SIZE, shrink: int = 2) -> int:
     blocks = 0
-    while size - 2 >= 2:
-        size = (size - 2) // 2
+    while size - shrink >= 2:
+        size = (size - shrink) // 2
         blocks += 1
     return blocks
 
 
+def check_fits(config) -> None:
+    feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
+
+
 def build_model(config):
-    """A Keras Functional model; the output layer computes in float32 whatever the policy."""
+    """A Keras Functional model; the output layer computes in float32 whatever the policy.
+
+    With the seed's settings (one valid conv per block, no batch norm, no augmentation) this is exactly
+    the seed notebook's network. Batch normalisation uses momentum 0.9 so that its moving averages keep
+    up in short runs (with 0.99 a warmed-up model can evaluate at chance after the first epoch).
+    """
     import keras
 
-    feature_map_sizes(config.filters)  # a clear error before Keras reports a negative dimension
+    check_fits(config)  # a clear error before Keras reports a negative dimension
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
     x = inputs
+    if config.augment != "none":  # active only in training calls; the exported model ignores it
+        x = keras.layers.RandomTranslation(2 / IMAGE_SIZE, 2 / IMAGE_SIZE, fill_mode="constant",
+                                           seed=config.seed, name="random_shift")(x)
+        if config.augment == "shift-flip":
+            x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="random_flip")(x)
     for block, filters in enumerate(config.filters, start=1):
-        x = keras.layers.Conv2D(filters, 3, activation="relu", name=f"conv{block}")(x)
+        for conv in range(1, config.convs_per_block + 1):
+            name = f"conv{block}" if config.convs_per_block == 1 else f"conv{block}_{conv}"
+            if config.batch_norm:
+                x = keras.layers.Conv2D(filters, 3, padding=config.padding, use_bias=False, name=name)(x)
+                x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+                x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
+            else:
+                x = keras.layers.Conv2D(filters, 3, padding=config.padding, activation="relu", name=name)(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{block}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
+    if config.batch_norm:
+        x = keras.layers.Dense(config.dense_units, use_bias=False, name="dense")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name="dense_bn")(x)
+        x = keras.layers.Activation("relu", name="dense_relu")(x)
+    else:
+        x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")

@@ -124,6 +124,23 @@ def _restore(config: Config, outputs: Outputs, checkpoint) -> List[dict]:
     return []
 
 
+def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    """A constant rate, or linear warm-up then cosine decay to zero over the whole run (per step)."""
+    if config.lr_schedule == "constant" and not config.warmup_epochs:
+        return config.learning_rate
+    import keras
+
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "constant":
+        return keras.optimizers.schedules.PiecewiseConstantDecay([warmup], [config.learning_rate / 10,
+                                                                            config.learning_rate])
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10 if warmup else config.learning_rate,
+        decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+
+
 def hypertune_reporter(config: Config):
     """cloudml-hypertune's reporter when Vertex AI's tuning service drives the run (one instance per run:
     version 0.1.0.dev6 rewrites its whole file from memory on every report)."""
@@ -168,28 +185,30 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
 
 
 @dataclasses.dataclass
-class Trial:
-    """Makes a run a search trial (tuning/): Keras callbacks driven per epoch, optional starting weights
-    (Hyperband continues earlier trials), and no test evaluation or export: the test split is kept for
-    the final retraining."""
+class RunHooks:
+    """Extras for runs driven by other code: Keras callbacks called per epoch (logs: the history row plus
+    `seconds` of training), starting weights (Hyperband continues earlier trials), and for search trials
+    no test evaluation or export (the test split is kept for the final retraining)."""
 
     callbacks: Sequence = ()
     initial_weights: Optional[list] = None
+    evaluate_and_export: bool = True
 
 
 def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None,
-                       log=print, environ=None, trial: Optional[Trial] = None) -> dict:
+                       log=print, environ=None, hooks: Optional[RunHooks] = None) -> dict:
     """Train, evaluate on the test split once, export; returns the metrics written to metrics.json.
 
     `environ` (default os.environ) supplies TF_CONFIG, CLUSTER_SPEC and TPU_NAME; tests may pass `splits`
-    and an already `resolved` strategy instead. With `trial`, returns the history and validation figures.
+    and an already `resolved` strategy instead. With `hooks` that skip evaluation, returns the history and
+    the best validation figures.
     """
     require_tensorflow()
     import keras
 
-    from trainer.model import feature_map_sizes
+    from trainer.model import check_fits
 
-    feature_map_sizes(config.filters)  # a model too deep for 28x28 fails before any I/O-heavy work
+    check_fits(config)  # a model too deep for 28x28 fails before any I/O-heavy work
     if resolved is None:
         from trainer.distribute import configure_host, resolve_strategy
 
@@ -200,23 +219,23 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     policy = mixed_precision_policy(config.mixed_precision, resolved)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return _run(config, splits, resolved, policy, log, trial)
+        return _run(config, splits, resolved, policy, log, hooks)
     finally:
         keras.mixed_precision.set_global_policy("float32")  # process-wide: leave it as found
 
 
-def _run(config: Config, splits, resolved, policy: str, log, trial) -> dict:
+def _run(config: Config, splits, resolved, policy: str, log, hooks) -> dict:
     if config.batch_size % resolved.num_replicas:
         raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
                            f"replicas of the {resolved.name} strategy")
     outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
     try:
-        return _train(config, splits, resolved, policy, log, outputs, trial)
+        return _train(config, splits, resolved, policy, log, outputs, hooks)
     finally:
         outputs.close()
 
 
-def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs, trial: Optional[Trial]) -> dict:
+def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs, hooks: Optional[RunHooks]) -> dict:
     import keras
     import tensorflow as tf
 
@@ -236,13 +255,13 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config)
-        optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
         if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Built inside the scope before the first step, or a 2-replica MirroredStrategy fails (DESIGN.md).
         optimizer.build(model.trainable_variables)
-        if trial and trial.initial_weights is not None:
-            model.set_weights(trial.initial_weights)
+        if hooks and hooks.initial_weights is not None:
+            model.set_weights(hooks.initial_weights)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         step_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var, step=step_var)
@@ -295,7 +314,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         tf.summary.text("config", "| setting | value |\n|---|---|\n" + config_table, step=initial_epoch)
 
     train_seconds, examples_trained = 0.0, 0
-    callbacks = list(trial.callbacks) if trial else []
+    callbacks = list(hooks.callbacks) if hooks else []
     for callback in callbacks:
         callback.set_model(model)
         callback.on_train_begin()
@@ -361,7 +380,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                 reporter.report_hyperparameter_tuning_metric(
                     hyperparameter_metric_tag="val_accuracy", metric_value=val_accuracy, global_step=epoch + 1)
             for callback in callbacks:
-                callback.on_epoch_end(epoch, logs=dict(row))
+                callback.on_epoch_end(epoch, logs={**row, "seconds": seconds})
             if stopping:  # the signal came during the epoch's last chunk: saved, stop here
                 reason = "SIGTERM" if stop.exit_code == 143 else "interrupt"
                 raise Interrupted(stop.exit_code, f"stopped by {reason} after epoch {epoch + 1}; checkpoint "
@@ -369,7 +388,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
 
     for callback in callbacks:
         callback.on_train_end()
-    if trial:
+    if hooks and not hooks.evaluate_and_export:
         best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
         return dict(history=history, val_accuracy=best.get("val_accuracy"), val_loss=best.get("val_loss"),
                     train_seconds=train_seconds)

@@ -1,0 +1,97 @@
+"""The seed notebook's recipe, faithfully: Keras Sequential, numpy arrays, `model.fit(batch_size=128)`
+with validation_split=0.1, Adam 1e-3, then evaluate and save. The baseline of bench/benchmark.py.
+
+    python bench/seed_baseline.py --epochs 2 --out result.json [--until-accuracy 0.9]
+
+Reports training examples/s with validation excluded (timed from each epoch's start to the start of
+its validation pass) and, with --until-accuracy, the training time until the test accuracy (checked
+after each epoch, that check's time excluded) first reaches the target.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import struct
+import time
+
+import numpy as np
+
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as handle:
+        raw = handle.read()
+    magic, count = struct.unpack(">II", raw[:8])
+    return np.frombuffer(raw[16:], np.uint8).reshape(count, 28, 28) if magic == 2051 else \
+        np.frombuffer(raw[8:], np.uint8)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=FASHION)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--until-accuracy", type=float, default=None)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-path", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    x_train = read_idx(os.path.join(args.data, "train-images-idx3-ubyte.gz")).astype("float32")[..., None] / 255.0
+    y_train = read_idx(os.path.join(args.data, "train-labels-idx1-ubyte.gz"))
+    x_test = read_idx(os.path.join(args.data, "t10k-images-idx3-ubyte.gz")).astype("float32")[..., None] / 255.0
+    y_test = read_idx(os.path.join(args.data, "t10k-labels-idx1-ubyte.gz"))
+
+    model = keras.Sequential([
+        keras.Input(shape=(28, 28, 1)),
+        keras.layers.Conv2D(32, (3, 3), activation="relu"),
+        keras.layers.MaxPooling2D((2, 2)),
+        keras.layers.Conv2D(64, (3, 3), activation="relu"),
+        keras.layers.MaxPooling2D((2, 2)),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    class Timing(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.train_seconds, self.reached_at, self.epoch_start = 0.0, None, None
+            self.test_accuracy = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.perf_counter()
+
+        def on_test_begin(self, logs=None):
+            if self.epoch_start is not None:  # the validation pass at the end of an epoch
+                self.train_seconds += time.perf_counter() - self.epoch_start
+                self.epoch_start = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            if args.until_accuracy is not None:
+                accuracy = self.model.evaluate(x_test, y_test, verbose=0)[1]
+                self.test_accuracy.append(accuracy)
+                if accuracy >= args.until_accuracy and self.reached_at is None:
+                    self.reached_at = self.train_seconds
+                    self.model.stop_training = True
+
+    timing = Timing()
+    epochs = args.epochs if args.until_accuracy is None else 100
+    model.fit(x_train, y_train, batch_size=128, epochs=epochs, validation_split=0.1, callbacks=[timing], verbose=2)
+    test_loss, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
+    model.save(args.model_path or os.path.join(os.path.dirname(os.path.abspath(args.out)), "seed_model.keras"))
+    train_examples = int(len(x_train) * 0.9)
+    epochs_run = len(timing.test_accuracy) if args.until_accuracy is not None else args.epochs
+    with open(args.out, "w") as handle:
+        json.dump(dict(test_accuracy=test_accuracy, train_seconds=timing.train_seconds,
+                       examples_per_second=train_examples * epochs_run / timing.train_seconds,
+                       seconds_to_target=timing.reached_at, epochs=epochs_run,
+                       test_accuracy_per_epoch=timing.test_accuracy), handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Deploy: Vertex AI job bodies checked by the real google-cloud-aiplatform types, the sdist and the
+Dockerfile's install and entry commands in fresh virtual environments, hadolint, and the Colab notebook
+run headless on CPU.
+
+Not real here: Google's endpoints (no network), a Docker engine and a TPU. The job bodies are built,
+printed and parsed exactly as they would be sent; the image's commands run in a fresh venv instead of a
+container; the notebook takes its CPU branch (the TPU branch is the same cells with tensorflow-tpu).
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+
+from conftest import ROOT_DIR
+
+TARGETS = ("cpu", "gpu", "gpu-multi", "multi-worker", "tpu-v5e", "tpu-v3")
+
+
+def vertex(args):
+    from deploy import vertex as vertex_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = vertex_cli.main(args)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def trainer_parses(args):
+    from trainer.config import build_parser
+
+    build_parser().parse_args(args)  # raises SystemExit(2) on anything trainer.task would refuse
+
+
+COMMON = ["--project", "my-project", "--region", "us-central1", "--job-dir", "gs://my-bucket/runs/r1", "--dry-run"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_dry_run_is_a_valid_custom_job(target):
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    code, out, err = vertex(["train", "--target", target, "--image", "us-docker.pkg.dev/p/r/trainer:x", *COMMON,
+                             "--", "--epochs", "3", "--batch-size", "256"])
+    assert code == 0, err
+    job = CustomJob.from_json(out)  # unknown fields would raise
+    assert re.search(r'"acceleratorType": "[A-Z][A-Z_0-9]+"', out), "enums are printed by name"
+    pools = job.job_spec.worker_pool_specs
+    assert job.job_spec.base_output_directory.output_uri_prefix == "gs://my-bucket/runs/r1"
+    assert len(pools) == (2 if target == "multi-worker" else 1)
+    assert pools[0].replica_count == 1
+    if target == "multi-worker":
+        assert pools[1].replica_count == 2
+    machine = pools[0].machine_spec
+    expected = {"gpu": ("NVIDIA_TESLA_T4", 1), "gpu-multi": ("NVIDIA_TESLA_T4", 4),
+                "tpu-v5e": ("TPU_V5_LITEPOD", 4), "tpu-v3": ("TPU_V3", 8)}.get(target)
+    if expected:
+        assert (machine.accelerator_type.name, machine.accelerator_count) == expected
+    if target == "tpu-v5e":
+        assert machine.machine_type == "ct5lp-hightpu-4t" and machine.tpu_topology == "2x2"
+    for pool in pools:
+        assert pool.container_spec.image_uri.endswith("trainer:x")
+        trainer_parses(list(pool.container_spec.args))
+
+
+def test_package_dry_run_uses_a_python_package_spec_on_the_project_image():
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    code, out, err = vertex(["train", "--target", "gpu", "--package", "--staging-bucket", "gs://my-bucket/staging",
+                             *COMMON, "--", "--epochs", "2"])
+    assert code == 0, err
+    spec = CustomJob.from_json(out).job_spec.worker_pool_specs[0].python_package_spec
+    assert spec.python_module == "trainer.task"
+    assert re.fullmatch(r"gs://my-bucket/staging/mnist-trainer/mnist-trainer-[\d.]+\.tar\.gz", spec.package_uris[0])
+    assert spec.executor_image_uri.startswith("us-central1-docker.pkg.dev/my-project/mnist-trainer/trainer:gpu-")
+    trainer_parses(list(spec.args))
+
+
+def test_vertex_tuning_job_searches_filters_and_dropout_on_val_accuracy():
+    from google.cloud.aiplatform_v1 import HyperparameterTuningJob
+
+    code, out, err = vertex(["tune", "--service", "vertex", "--image", "img:cpu", "--max-trials", "8",
+                             "--parallel-trials", "2", *COMMON, "--", "--epochs", "4"])
+    assert code == 0, err
+    job = HyperparameterTuningJob.from_json(out)
+    assert job.max_trial_count == 8 and job.parallel_trial_count == 2
+    assert [m.metric_id for m in job.study_spec.metrics] == ["val_accuracy"]
+    assert job.study_spec.metrics[0].goal.name == "MAXIMIZE"
+    params = {p.parameter_id: p for p in job.study_spec.parameters}
+    assert set(params) == {"filters", "dropout"}
+    args = list(job.trial_job_spec.worker_pool_specs[0].container_spec.args)
+    assert "--hypertune" in args
+    for filters in params["filters"].categorical_value_spec.values:  # how Vertex AI appends trial values
+        trainer_parses(args + [f"--filters={filters}", f"--dropout={params['dropout'].double_value_spec.max_value}"])
+
+
+def test_keras_tuner_search_is_one_custom_job_chief_plus_workers():
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    from tuning.task import build_parser as tuning_parser
+
+    code, out, err = vertex(["tune", "--service", "keras-tuner", "--workers", "3", "--image", "img:cpu", *COMMON,
+                             "--", "--max-trials", "12", "--epochs", "2"])
+    assert code == 0, err
+    pools = CustomJob.from_json(out).job_spec.worker_pool_specs
+    assert [pool.replica_count for pool in pools] == [1, 3]
+    for pool in pools:
+        assert list(pool.container_spec.command) == ["python", "-m", "tuning.task"]
+        args = tuning_parser().parse_args(list(pool.container_spec.args))
+        assert args.job_dir == "/gcs/my-bucket/runs/r1/search"  # the bucket as Vertex AI mounts it: shared
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--tensorboard", "tb"],
+     "--tensorboard needs --service-account"),
+    (["train", "--image", "i", "--job-dir", "/local/run", "--project", "p"], "--job-dir must be a gs:// folder"),
+    (["train", "--package", "--job-dir", "gs://b/r", "--project", "p"], "--package needs --staging-bucket"),
+    (["train", "--image", "i", "--job-dir", "gs://b/r"], "--project is required"),
+])
+def test_bad_command_lines_exit_2(args, message, monkeypatch):
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    code, _, err = vertex(args)
+    assert code == 2 and message in err
+
+
+def test_without_credentials_submission_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
+    code, _, err = vertex(["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p"])
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
+    assert err.startswith("error: no Google Cloud credentials") and "Traceback" not in err
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
+    result = subprocess.run([hadolint, os.path.join(ROOT_DIR, "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def fresh_venv(path):
+    """A new virtual environment that sees this environment's installed packages through a .pth file:
+    pip in it resolves the project's requirements against them instead of downloading a second copy of
+    TensorFlow, but the project itself must install into it from its sdist or source."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site, "outer.pth"), "w") as handle:
+        handle.write(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def test_package_sdist_installs_in_a_fresh_venv_and_runs(tmp_path):
+    from deploy.vertex import build_sdist
+
+    archive = build_sdist(str(tmp_path / "dist"))
+    python = fresh_venv(tmp_path / "venv")
+    env = dict(os.environ, PYTHONPATH="")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", archive], check=True, env=env, cwd=tmp_path)
+    result = subprocess.run([str(python), "-m", "trainer.task", "--help"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "--dataset" in result.stdout
+    located = subprocess.run([str(python), "-c", "import trainer, tuning, deploy; print(trainer.__file__)"],
+                             capture_output=True, text=True, env=env, cwd=tmp_path).stdout
+    assert str(tmp_path / "venv") in located, "the package must come from the sdist, not the checkout"
+
+
+def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, digits_idx):
+    dockerfile = open(os.path.join(ROOT_DIR, "Dockerfile")).read()
+    install = re.search(r'pip install --no-cache-dir "\.\[\$\{VARIANT\},([a-z,]+)\]"', dockerfile)
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    assert install and entry == ["python", "-m", "trainer.task"]
+    context = tmp_path / "context"  # what COPY puts in the image
+    for name in ("setup.py", "README.md", "LICENSE"):
+        os.makedirs(context, exist_ok=True)
+        shutil.copy(os.path.join(ROOT_DIR, name), context / name)
+    for package in ("trainer", "tuning", "deploy"):
+        shutil.copytree(os.path.join(ROOT_DIR, package), context / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
+    python = fresh_venv(tmp_path / "venv")
+    env = dict(os.environ, PYTHONPATH="")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir", f".[cpu,{install.group(1)}]"],
+                   check=True, env=env, cwd=context)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = subprocess.run([str(python), *entry[1:], "--dataset", f"idx:{digits_idx}", "--train-limit", "600",
+                             "--epochs", "1", "--job-dir", str(home / "run")], capture_output=True, text=True,
+                            env=env, cwd=home, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.isfile(home / "run" / "model" / "saved_model.pb")
+
+
+def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path, digits_idx, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = os.path.join(ROOT_DIR, "deploy", "colab_tpu.ipynb")
+    notebook = nbformat.read(path, as_version=4)
+    nbformat.validate(notebook)
+    python = fresh_venv(tmp_path / "venv")
+    jupyter = tmp_path / "jupyter"
+    subprocess.run([str(python), "-m", "ipykernel", "install", "--prefix", str(jupyter), "--name", "fresh"],
+                   check=True, capture_output=True)
+    job_dir = tmp_path / "job"
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter / "share" / "jupyter"))
+    monkeypatch.setenv("MNIST_TRAINER_SOURCE", ROOT_DIR)  # GitHub cannot be reached here
+    monkeypatch.setenv("MNIST_TRAINER_DATASET", f"idx:{digits_idx}")
+    monkeypatch.setenv("MNIST_TRAINER_JOB_DIR", str(job_dir))
+    monkeypatch.setenv("MNIST_TRAINER_ARGS", "--epochs 1 --train-limit 1000 --preset seed")
+    monkeypatch.setenv("PYTHONPATH", "")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    monkeypatch.chdir(tmp_path)
+    client = NotebookClient(notebook, kernel_name="fresh", timeout=600)
+    try:
+        client.execute()
+        outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in notebook.cells
+                   if cell.cell_type == "code"]
+        assert "NOTE: no TPU attached" in outputs[2] and "test_accuracy" in outputs[2]
+        images = [o for o in notebook.cells[4].outputs if "image/png" in o.get("data", {})]
+        assert len(images) == 3  # accuracy, loss, confusion matrix
+        tensorboard = json.dumps(notebook.cells[5].outputs)
+        assert "ERROR" not in tensorboard and ("Launching TensorBoard" in tensorboard or "iframe" in tensorboard)
+    finally:
+        from tensorboard import manager
+
+        for info in manager.get_all():
+            if str(job_dir) in info.logdir:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(info.pid, 15)
