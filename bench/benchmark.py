@@ -44,7 +44,7 @@ def load(path):
         return json.load(handle)
 
 
-def one_round(scratch, index, env):
+def one_round(scratch, index, env, recipe=True):
     python = sys.executable
     result = {}
     out = os.path.join(scratch, f"baseline2-{index}.json")
@@ -61,6 +61,11 @@ def one_round(scratch, index, env):
     measured([python, "bench/probes.py", "ceiling", "--out", out], env)
     result["ceiling_eps"] = load(out)["examples_per_second"]
 
+    helps = [measured([python, "-m", "trainer.task", "--help"], env)[0] for _ in range(5)]
+    result["help_seconds"] = statistics.median(helps)
+    if not recipe:
+        return result
+
     out = os.path.join(scratch, f"baseline90-{index}.json")
     measured([python, "bench/seed_baseline.py", "--until-accuracy", "0.9", "--out", out], env)
     baseline90 = load(out)
@@ -74,25 +79,25 @@ def one_round(scratch, index, env):
     result["default_to90"] = default["seconds_to_target"]
     result["default_accuracy"], result["default_train_seconds"] = default["test_accuracy"], default["train_seconds"]
     result["default_epochs"] = default["epochs"]
-
-    helps = [measured([python, "-m", "trainer.task", "--help"], env)[0] for _ in range(5)]
-    result["help_seconds"] = statistics.median(helps)
     return result
 
 
 def table(medians, rounds):
     m = medians
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
-    rows = [
-        ("Training throughput, seed architecture (examples/s)", f"{m['baseline_eps']:,.0f}",
-         f"{m['trainer_eps']:,.0f} ({ratio(m['trainer_eps'], m['baseline_eps'])}; "
-         f"{m['trainer_eps'] / m['ceiling_eps']:.0%} of the {m['ceiling_eps']:,.0f} ceiling)"),
-        ("Whole process, 2-epoch job to saved model (s)", f"{m['baseline_wall']:.1f}", f"{m['trainer_wall']:.1f}"),
+    recipe_rows = [] if "default_accuracy" not in m else [
         ("Training time to 90% test accuracy (s)", f"{m['baseline_to90']:.1f} ({m['baseline_to90_epochs']:.0f} epochs)",
          f"{m['default_to90']:.1f} with the default recipe "
          f"({ratio(m['baseline_to90'], m['default_to90'])} sooner)" if m["default_to90"] else "not reached"),
         ("Default recipe: test accuracy after its default epochs", "",
          f"{m['default_accuracy']:.4f} ({m['default_epochs']:.0f} epochs, {m['default_train_seconds']:.0f} s training)"),
+    ]
+    rows = [
+        ("Training throughput, seed architecture (examples/s)", f"{m['baseline_eps']:,.0f}",
+         f"{m['trainer_eps']:,.0f} ({ratio(m['trainer_eps'], m['baseline_eps'])}; "
+         f"{m['trainer_eps'] / m['ceiling_eps']:.0%} of the {m['ceiling_eps']:,.0f} ceiling)"),
+        ("Whole process, 2-epoch job to saved model (s)", f"{m['baseline_wall']:.1f}", f"{m['trainer_wall']:.1f}"),
+        *recipe_rows,
         ("Peak resident memory, 2-epoch job (MiB)", f"{m['baseline_rss']:,.0f}", f"{m['trainer_rss']:,.0f}"),
         ("`python -m trainer.task --help` (s)", "", f"{m['help_seconds']:.2f}"),
     ]
@@ -105,13 +110,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--skip-recipe", action="store_true",
+                        help="leave out measures 3 and 4 (time to 90%% and the default recipe's full run: "
+                             "most of the benchmark's time)")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     rounds = []
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(args.rounds):
             started = time.perf_counter()
-            rounds.append(one_round(scratch, index, env))
+            rounds.append(one_round(scratch, index, env, recipe=not args.skip_recipe))
             print(f"round {index + 1}/{args.rounds} done in {time.perf_counter() - started:.0f} s: "
                   f"{json.dumps(rounds[-1])}", flush=True)
     medians = {key: statistics.median(r[key] for r in rounds if r[key] is not None)
@@ -123,7 +131,8 @@ def main():
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(dict(machine=machine, rounds=rounds, medians=medians), handle, indent=2)
     with open(os.path.join(args.out, "results.md"), "w") as handle:
-        handle.write(f"Machine: {machine}. Command: `python bench/benchmark.py --rounds {args.rounds}`.\n\n{text}\n")
+        command = f"python bench/benchmark.py --rounds {args.rounds}{' --skip-recipe' if args.skip_recipe else ''}"
+        handle.write(f"Machine: {machine}. Command: `{command}`.\n\n{text}\n")
 
 
 if __name__ == "__main__":

@@ -92,13 +92,14 @@ def main():
     parser.add_argument("probe", choices=("ceiling", "to-accuracy"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--target", type=float, default=0.9)
-    parser.add_argument("trainer_args", nargs="*")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    trainer_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.probe == "ceiling":
         ceiling(args.out)
     else:
-        to_accuracy(args.out, args.target, args.trainer_args)
+        to_accuracy(args.out, args.target, trainer_args)
 
 
 if __name__ == "__main__":

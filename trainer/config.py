@@ -71,6 +71,7 @@ class Config:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     steps_per_execution: int = 1
+    profile_steps: Optional[Tuple[int, int]] = None
     resume: bool = True
     class_names: str = "auto"
     hypertune: bool = False
@@ -126,6 +127,8 @@ def validate(config: Config) -> None:
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
             f"--train-limit must be at least 2, got {config.train_limit}")
+    require(config.profile_steps is None or 1 <= config.profile_steps[0] < config.profile_steps[1],
+            f"--profile-steps needs START,END with 1 <= START < END, got {config.profile_steps}")
     require(config.steps_per_execution >= 1,
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
     require(config.cpu_devices >= 0, f"--cpu-devices must be 0 or more, got {config.cpu_devices}")
@@ -153,6 +156,13 @@ def _positive_int_list(text: str) -> Tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}")
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every filter count must be a positive integer, got {text!r}")
+    return values
+
+
+def _step_range(text: str) -> Tuple[int, int]:
+    values = _positive_int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected START,END such as 10,20, got {text!r}")
     return values
 
 
@@ -225,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto: bf16 on TPU, fp16 (with loss scaling) on GPU, off on CPU; outputs stay float32")
     dist.add_argument("--intra-op-threads", type=int, default=0, help="threads inside one op (0: TensorFlow's choice)")
     dist.add_argument("--inter-op-threads", type=int, default=0, help="ops run in parallel (0: TensorFlow's choice)")
+    dist.add_argument("--profile-steps", type=_step_range, default=None,
+                      help="START,END: record a TensorFlow profile of these training steps into the log dir "
+                           "(TensorBoard's Profile tab, with the tensorboard-plugin-profile package)")
     dist.add_argument("--steps-per-execution", type=int, default=1,
                       help="training steps run per tf.function call (fewer Python round trips)")
     return parser
@@ -310,6 +323,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
             steps_per_execution=args.steps_per_execution,
+            profile_steps=args.profile_steps,
             resume=args.resume,
             class_names=args.class_names,
             hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),

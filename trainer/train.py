@@ -56,6 +56,25 @@ class StopRequest:
             signal.signal(signum, previous)
 
 
+class Profiler:
+    """--profile-steps START,END: a TensorFlow profile of those (1-based, global) steps in the log dir."""
+
+    def __init__(self, steps, log_dir: str):
+        self.steps, self.log_dir, self.running = steps, log_dir, False
+
+    def before(self, completed: int):
+        if self.steps and not self.running and self.steps[0] <= completed + 1 <= self.steps[1]:
+            import tensorflow as tf
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def after(self, completed: int):
+        if self.running and completed >= self.steps[1]:
+            import tensorflow as tf
+            tf.profiler.experimental.stop()
+            self.running = False
+
+
 class Progress:
     """A one-line progress bar, only when stdout is a terminal (it is erased before the epoch line)."""
 
@@ -313,12 +332,13 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         config_table = "\n".join(f"| {key} | {value} |" for key, value in sorted(config.to_dict().items()))
         tf.summary.text("config", "| setting | value |\n|---|---|\n" + config_table, step=initial_epoch)
 
-    train_seconds, examples_trained = 0.0, 0
+    train_seconds, examples_trained, val_predictions = 0.0, 0, None
     callbacks = list(hooks.callbacks) if hooks else []
     for callback in callbacks:
         callback.set_model(model)
         callback.on_train_begin()
     reporter = hypertune_reporter(config)
+    profiler = Profiler(config.profile_steps, outputs.log_dir)
     with StopRequest() as stop:
         for epoch in range(initial_epoch, config.epochs):
             skip = initial_step if epoch == initial_epoch else 0
@@ -331,7 +351,9 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
             started = time.perf_counter()
             while done < steps:
                 chunk = min(config.steps_per_execution, steps - done)
+                profiler.before(epoch * steps + done)
                 chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
+                profiler.after(epoch * steps + done + chunk)
                 loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
                 progress.update(done, loss_sum / ((done - skip) * config.batch_size))
                 stopping = should_stop()
@@ -353,7 +375,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                 raise Interrupted(stop.exit_code, f"stopped by {reason} at epoch {epoch + 1}, step {done}/{steps}; "
                                                   f"checkpoint {saved}; rerun the same command to resume")
 
-            val_loss, val_accuracy, _ = evaluate(predict, *splits.validation)
+            val_loss, val_accuracy, val_predictions = evaluate(predict, *splits.validation)
             row = dict(epoch=epoch + 1, loss=loss_sum / examples, accuracy=correct / examples,
                        val_loss=val_loss, val_accuracy=val_accuracy,
                        learning_rate=float(optimizer.learning_rate.numpy()))
@@ -386,6 +408,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                 raise Interrupted(stop.exit_code, f"stopped by {reason} after epoch {epoch + 1}; checkpoint "
                                                   f"{manager.latest_checkpoint}; rerun the same command to resume")
 
+    profiler.after(float("inf"))  # END beyond the last step: stop with the training
     for callback in callbacks:
         callback.on_train_end()
     if hooks and not hooks.evaluate_and_export:
@@ -409,7 +432,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     )
 
     val_images, val_labels = splits.validation
-    _, _, val_predictions = evaluate(predict, val_images, val_labels)
+    if val_predictions is None:  # nothing left to train after a resume: predict once here
+        _, _, val_predictions = evaluate(predict, val_images, val_labels)
     misclassified = export.misclassified_png(val_images, val_labels, val_predictions, splits.class_names)
     with validation_writer.as_default():
         tf.summary.image("misclassified", tf.image.decode_png(misclassified)[tf.newaxis], step=config.epochs)
