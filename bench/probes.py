@@ -55,7 +55,6 @@ def ceiling(out, steps=300, batch_size=128):
 
 def to_accuracy(out, target, trainer_args):
     import keras
-    import numpy as np
 
     from trainer.config import parse_config
     from trainer.train import RunHooks, train_and_evaluate

@@ -59,6 +59,20 @@ def test_keras_file_reloads_with_the_same_predictions(seed_run, digits):
     assert accuracy > 0.9
 
 
+def test_outputs_are_readable_by_others_as_the_umask_allows(seed_run):
+    """Temporary-file staging must not leave owner-only modes (TensorBoard or a serving container often
+    runs as another user)."""
+    import stat
+
+    job_dir, _, _ = seed_run
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in ("metrics.json", "plots/accuracy.png", "model"):
+        mode = stat.S_IMODE(os.stat(os.path.join(job_dir, path)).st_mode)
+        expected = (0o777 if path == "model" else 0o666) & ~umask
+        assert mode == expected, (path, oct(mode))
+
+
 def test_plots_are_real_pngs(seed_run):
     from PIL import Image
 

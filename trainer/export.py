@@ -19,6 +19,13 @@ CLASS_NAMES_FILE = "class_names.json"
 KERAS_FILE = "model.keras"
 
 
+def _readable(path: str, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make owner-only files; give finished outputs the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 def _replace_dir(staged: str, final: str) -> None:
     """Swap a finished folder into place; the old one is removed only after the new one is in."""
     final = final.rstrip("/")
@@ -37,6 +44,7 @@ def write_json_atomic(path: str, payload: dict) -> None:
     with os.fdopen(handle, "w") as out:
         json.dump(payload, out, indent=2, sort_keys=True)
         out.write("\n")
+    _readable(staged)
     os.replace(staged, path)
 
 
@@ -64,6 +72,7 @@ def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
         model.save(os.path.join(staged, KERAS_FILE))
         with open(os.path.join(staged, CLASS_NAMES_FILE), "w") as out:
             json.dump(list(class_names), out)
+        _readable(staged, directory=True)
         _replace_dir(staged, model_dir)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -166,4 +175,5 @@ def write_plots(plots_dir: str, pngs: Dict[str, bytes]) -> None:
         handle, staged = tempfile.mkstemp(prefix=".partial-", dir=plots_dir)
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+        _readable(staged)
         os.replace(staged, os.path.join(plots_dir, name))

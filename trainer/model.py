@@ -45,12 +45,22 @@ def check_fits(config) -> None:
     feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
 
 
-def build_model(config):
+def batch_norm_momentum(steps_per_epoch: int) -> float:
+    """0.9, lowered for short epochs so the moving averages follow the weights by the epoch's end.
+
+    With 28 steps an epoch and a warming-up learning rate, momentum 0.9 still left the averages behind
+    the weights: the model evaluated at chance after epoch 1 while training accuracy was 73%.
+    """
+    return max(0.5, min(0.9, 1.0 - 8.0 / max(steps_per_epoch, 1)))
+
+
+def build_model(config, bn_momentum: float = 0.9):
     """A Keras Functional model; the output layer computes in float32 whatever the policy.
 
     With the seed's settings (one valid conv per block, no batch norm, no augmentation) this is exactly
     the seed notebook's network. Batch normalisation uses momentum 0.9 so that its moving averages keep
-    up in short runs (with 0.99 a warmed-up model can evaluate at chance after the first epoch).
+    up in short runs (with 0.99 a warmed-up model can evaluate at chance after the first epoch); the
+    trainer lowers it further for short epochs (see `batch_norm_momentum`).
     """
     import keras
 
@@ -67,7 +77,7 @@ def build_model(config):
             name = f"conv{block}" if config.convs_per_block == 1 else f"conv{block}_{conv}"
             if config.batch_norm:
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, use_bias=False, name=name)(x)
-                x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+                x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
                 x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
             else:
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, activation="relu", name=name)(x)
@@ -75,7 +85,7 @@ def build_model(config):
     x = keras.layers.Flatten(name="flatten")(x)
     if config.batch_norm:
         x = keras.layers.Dense(config.dense_units, use_bias=False, name="dense")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name="dense_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=bn_momentum, name="dense_bn")(x)
         x = keras.layers.Activation("relu", name="dense_relu")(x)
     else:
         x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)

@@ -258,7 +258,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     import keras
     import tensorflow as tf
 
-    from trainer.model import build_model
+    from trainer.model import batch_norm_momentum, build_model
 
     strategy = resolved.strategy
     splits = splits or data_lib.load_splits(config)
@@ -273,7 +273,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config)
+        model = build_model(config, batch_norm_momentum(steps))
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps))
         if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
