@@ -70,7 +70,7 @@ class Config:
     mixed_precision: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    steps_per_execution: int = 1
+    steps_per_execution: int = 20
     profile_steps: Optional[Tuple[int, int]] = None
     resume: bool = True
     class_names: str = "auto"
@@ -233,13 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "without accelerators (a way to try distribution on a laptop)")
     dist.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                       help="auto: bf16 on TPU, fp16 (with loss scaling) on GPU, off on CPU; outputs stay float32")
-    dist.add_argument("--intra-op-threads", type=int, default=0, help="threads inside one op (0: TensorFlow's choice)")
-    dist.add_argument("--inter-op-threads", type=int, default=0, help="ops run in parallel (0: TensorFlow's choice)")
+    dist.add_argument("--intra-op-threads", type=int, default=0,
+                      help="threads inside one op (0: all cores on a CPU-only host, else TensorFlow's choice)")
+    dist.add_argument("--inter-op-threads", type=int, default=0,
+                      help="ops run in parallel (0: 1 on a CPU-only host, else TensorFlow's choice)")
     dist.add_argument("--profile-steps", type=_step_range, default=None,
                       help="START,END: record a TensorFlow profile of these training steps into the log dir "
                            "(TensorBoard's Profile tab, with the tensorboard-plugin-profile package)")
-    dist.add_argument("--steps-per-execution", type=int, default=1,
-                      help="training steps run per tf.function call (fewer Python round trips)")
+    dist.add_argument("--steps-per-execution", type=int, default=20,
+                      help="training steps run per tf.function call (fewer Python round trips; signals and "
+                           "the progress bar are handled between calls)")
     return parser
 
 

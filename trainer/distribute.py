@@ -39,6 +39,11 @@ def configure_host(cpu_devices: int = 0, intra_op_threads: int = 0, inter_op_thr
     """Split the CPU into logical devices and set thread pools; must run before TensorFlow initialises."""
     import tensorflow as tf
 
+    if not tf.config.list_physical_devices("GPU"):
+        # Measured on a 2-core CPU (README): one inter-op thread and every core inside each op beat
+        # TensorFlow's own choice by about 5% for this model. Explicit flags still win.
+        inter_op_threads = inter_op_threads or 1
+        intra_op_threads = intra_op_threads or (os.cpu_count() or 1)
     try:
         if intra_op_threads:
             tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
