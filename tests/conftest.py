@@ -124,6 +124,14 @@ def wait_for_line(log_path, prefix, process, timeout=240):
     raise AssertionError(f"no {prefix!r} within {timeout}s:\n" + open(log_path).read()[-3000:])
 
 
+def signal_after_first_epoch(args, log_path, signum, epochs):
+    """Start the trainer, wait until its first epoch is saved and printed, send `signum`; returns the Popen."""
+    process = start_cli(args, log_path)
+    wait_for_line(log_path, f"epoch 1/{epochs}", process)
+    process.send_signal(signum)
+    return process
+
+
 def read_metrics(job_dir):
     with open(os.path.join(job_dir, "metrics.json")) as handle:
         return json.load(handle)

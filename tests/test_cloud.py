@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import run_cli, run_task, start_cli, wait_for_line
+from conftest import run_cli, run_task, signal_after_first_epoch
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +66,7 @@ def test_a_run_reads_idx_from_gs_and_writes_everything_to_gs(gcs, bucket, digits
 def test_killed_run_resumes_from_gs_checkpoints(gcs, bucket, digits_idx, tmp_path):
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "3", "--batch-size", "32",
             "--job-dir", "gs://mnist-runs/run2"]
-    log = str(tmp_path / "first.log")
-    process = start_cli(args, log)
-    wait_for_line(log, "epoch 1/3", process)
-    process.send_signal(signal.SIGKILL)
+    process = signal_after_first_epoch(args, str(tmp_path / "first.log"), signal.SIGKILL, epochs=3)
     process.wait(timeout=30)
     assert "checkpoints/checkpoint" in names(bucket, "run2/")
     result = run_cli(args)

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 
-from conftest import (free_port, read_metrics, run_cli, run_task, start_cli,
+from conftest import (free_port, read_metrics, run_cli, run_task, signal_after_first_epoch, start_cli,
                       wait_for_line)
 from trainer.distribute import attached_tpu, chief_of, cluster_config
 
@@ -136,10 +136,7 @@ def test_kill_9_in_the_second_epoch_then_rerun_resumes(digits_idx, tmp_path):
     job_dir = str(tmp_path / "job")
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "3", "--batch-size", "32",
             "--job-dir", job_dir]
-    log = str(tmp_path / "first.log")
-    process = start_cli(args, log)
-    wait_for_line(log, "epoch 1/3", process)
-    process.send_signal(signal.SIGKILL)
+    process = signal_after_first_epoch(args, str(tmp_path / "first.log"), signal.SIGKILL, epochs=3)
     process.wait(timeout=30)
     assert not os.path.exists(os.path.join(job_dir, "metrics.json"))
     result = run_cli(args)
@@ -158,10 +155,8 @@ def test_sigterm_saves_exits_143_and_the_rerun_resumes_mid_epoch(digits_idx, tmp
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "2", "--batch-size", "16",
             "--job-dir", job_dir]
     log = str(tmp_path / "first.log")
-    process = start_cli(args, log)
-    wait_for_line(log, "epoch 1/2", process)
+    process = signal_after_first_epoch(args, log, signal.SIGTERM, epochs=2)
     signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 143
     assert time.monotonic() - signalled < 10
     assert "stopped by SIGTERM at epoch 2" in open(log).read()

@@ -27,7 +27,8 @@ from trainer.outputs import Outputs, prepare_outputs
 
 # Settings a checkpoint must share with the run that resumes from it (epochs may grow; hardware may change).
 RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters", "dense_units", "dropout",
-               "batch_size", "learning_rate")
+               "batch_size", "learning_rate", "convs_per_block", "padding", "batch_norm", "lr_schedule",
+               "warmup_epochs", "augment")
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 EVAL_BATCH_SIZE = 1000
@@ -61,6 +62,14 @@ class Profiler:
 
     def __init__(self, steps, log_dir: str):
         self.steps, self.log_dir, self.running = steps, log_dir, False
+
+    def clip(self, completed: int, chunk: int) -> int:
+        """Shorten a multi-step chunk so that the profile starts and stops exactly at START and END."""
+        for boundary in (self.steps or ()):
+            edge = boundary - 1 if boundary == self.steps[0] else boundary
+            if completed < edge < completed + chunk:
+                chunk = edge - completed
+        return chunk
 
     def before(self, completed: int):
         if self.steps and not self.running and self.steps[0] <= completed + 1 <= self.steps[1]:
@@ -350,7 +359,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
             done, loss_sum, correct, stopping = skip, 0.0, 0.0, False
             started = time.perf_counter()
             while done < steps:
-                chunk = min(config.steps_per_execution, steps - done)
+                chunk = profiler.clip(epoch * steps + done, min(config.steps_per_execution, steps - done))
                 profiler.before(epoch * steps + done)
                 chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
                 profiler.after(epoch * steps + done + chunk)
