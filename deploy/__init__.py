@@ -1,1 +1,1 @@
-"""Vertex AI job submission and the Colab TPU notebook (not built yet: see the open issue)."""
+"""Vertex AI job submission (`python -m deploy.vertex`) and the Colab TPU notebook (colab_tpu.ipynb)."""

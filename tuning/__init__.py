@@ -1,1 +1,1 @@
-"""KerasTuner search over the trainer's filters and dropout (not built yet: see the open issue)."""
+"""KerasTuner search over the trainer's conv filters and dropout: `python -m tuning.task`."""
