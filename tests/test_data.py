@@ -147,3 +147,4 @@ def test_cli_offline_tfds_fails_fast_with_the_offline_alternative(tmp_path):
                              "--job-dir", str(tmp_path / "job")])
     assert time.monotonic() - started < 10
     assert_one_clear_line(code, err, "download failed", "--dataset idx:/usr/share/datasets/fashion-mnist")
+    assert "WARNING:absl" not in err, "TFDS's warnings about the missing folder must not precede the error"

@@ -6,8 +6,10 @@ Pipelines see only a `tf.distribute.InputContext` and the global batch size, nev
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import logging
 import os
 import socket
 import struct
@@ -136,22 +138,36 @@ def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Hide absl's Python warnings for a moment (TFDS logs expected conditions as warnings)."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...]]:
     """Arrays of a TFDS dataset with 28x28x1 images and 10 labels, downloading it on first use."""
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise TrainerError(f"--dataset {name}: no such TFDS dataset (try mnist, fashion_mnist, kmnist, "
-                           "or idx:FOLDER)") from None
+    with _quiet_absl():  # "Variant folder ... has no dataset_info.json" before a first download
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            raise TrainerError(f"--dataset {name}: no such TFDS dataset (try mnist, fashion_mnist, kmnist, "
+                               "or idx:FOLDER)") from None
+        prepared = builder.is_prepared()
     features = builder.info.features
     image_shape = tuple(features["image"].shape) if "image" in features else None
     num_classes = getattr(features["label"], "num_classes", None) if "label" in features else None
     if image_shape != (28, 28, 1) or num_classes != 10:
         raise TrainerError(f"--dataset {name}: needs 28x28x1 images and 10 labels, this dataset has "
                            f"images {image_shape} and {num_classes} labels")
-    if not builder.is_prepared():
+    if not prepared:
         # TFDS alone retries a failed download for minutes; say what to do within seconds instead.
         if not _reachable("storage.googleapis.com"):
             raise TrainerError(f"--dataset {name}: download failed (no internet connection); {OFFLINE_HINT}")
