@@ -49,7 +49,7 @@ def write_hparams_view(rows: list, log_dir: str) -> None:
 
 def write_results(tuner, space, job_dir: str) -> str:
     """Print the table and write the result files; returns the best_hyperparameters.json path."""
-    rows = [row for row in _trial_rows(tuner)]
+    rows = _trial_rows(tuner)
     print_table(rows)
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = as_flags(space.values(best_trial.hyperparameters.copy()), tuner.hypermodel.base)

@@ -164,10 +164,9 @@ def make_tuner(args, hypermodel, project_dir: str, overwrite: bool):
 def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int:
     args, space, base = parse(argv)  # exits 2 on a command-line error
     environ.update(distributed_environment(environ))
-    from keras_tuner.src.distribute import utils as kt_distribute
-
-    distributed = kt_distribute.has_chief_oracle()
-    is_chief = not distributed or kt_distribute.is_chief_oracle()
+    # KerasTuner's own convention (its public variables): the tuner whose id contains "chief" runs the oracle.
+    distributed = "KERASTUNER_ORACLE_IP" in environ
+    is_chief = not distributed or "chief" in environ.get("KERASTUNER_TUNER_ID", "")
     job_dir = os.path.abspath(args.job_dir)
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
     if is_chief and os.path.exists(os.path.join(project_dir, "oracle.json")) and not (args.resume or args.overwrite):
