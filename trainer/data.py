@@ -241,13 +241,33 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, num_input_pipelin
     return per_pipeline // per_pipeline_batch
 
 
-def train_dataset(images: np.ndarray, labels: np.ndarray, global_batch_size: int, seed: int, epoch: int,
+class TrainTensors:
+    """The training split converted to tensors once (on the host), shared by every epoch's pipeline."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        import tensorflow as tf
+
+        with tf.device("/cpu:0"):
+            self.images = tf.constant(images)
+            self.labels = tf.constant(labels.astype(np.int32))
+        self.size = len(images)
+
+
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of the training examples: the same on every worker and after a resume."""
+    return np.random.default_rng((seed, epoch)).permutation(size)
+
+
+def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoch: int,
                   input_context=None, skip_steps: int = 0):
     """One epoch of shuffled, batched, decoded training data for one input pipeline.
 
-    Sharded by the input context (explicitly, no AUTO policy), batched per replica with drop_remainder
-    (static shapes, the same step count on every worker), shuffled with a seed that depends on the epoch
-    so a resumed run sees the same order as an uninterrupted one; `skip_steps` resumes mid-epoch.
+    The epoch's permutation is drawn in numpy and cut into index batches; each batch is gathered from
+    the in-memory tensors and decoded as a whole (no per-example work, no shuffle buffer to fill before
+    the first step). Pipelines take strided shares of the permutation (explicit sharding, no AUTO
+    policy); batches are per replica with a fixed size (static shapes, the same step count on every
+    worker). The seed and epoch fix the order, so a resumed run sees what an uninterrupted one would;
+    `skip_steps` resumes mid-epoch.
     """
     import tensorflow as tf
 
@@ -255,16 +275,18 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, global_batch_size: int
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     batch = input_context.get_per_replica_batch_size(global_batch_size) if input_context else global_batch_size
     num_replicas = input_context.num_replicas_in_sync if input_context else 1
-    steps = steps_per_epoch(len(images), global_batch_size, num_pipelines)
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    if num_pipelines > 1:
-        dataset = dataset.shard(num_pipelines, pipeline_id)
-    dataset = dataset.shuffle(len(images), seed=seed * 1000 + epoch, reshuffle_each_iteration=False)
-    dataset = dataset.batch(batch, drop_remainder=True)
     batches_per_step = num_replicas // num_pipelines
-    dataset = dataset.take(steps * batches_per_step).skip(skip_steps * batches_per_step)
-    dataset = dataset.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    steps = steps_per_epoch(tensors.size, global_batch_size, num_pipelines)
+    order = epoch_order(tensors.size, seed, epoch)[pipeline_id::num_pipelines]
+    order = order[:steps * batches_per_step * batch].reshape(steps * batches_per_step, batch)
+    order = order[skip_steps * batches_per_step:]
+    images, labels = tensors.images, tensors.labels
+
+    def gather(index):
+        return _decode(tf.gather(images, index), tf.gather(labels, index))
+
+    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int32))
+    return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int):

@@ -214,8 +214,9 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
 
 @dataclasses.dataclass
 class RunHooks:
-    """Extras for runs driven by other code: Keras callbacks called per epoch (logs: the history row plus
-    `seconds` of training), starting weights (Hyperband continues earlier trials), and for search trials
+    """Extras for runs driven by other code: Keras callbacks (on_epoch_begin; on_train_batch_end after each
+    multi-step call, logs `steps_done` and `steps_per_epoch`; on_epoch_end with the history row plus
+    `seconds` of training, which includes the time spent in the callbacks), starting weights (Hyperband continues earlier trials), and for search trials
     no test evaluation or export (the test split is kept for the final retraining)."""
 
     callbacks: Sequence = ()
@@ -319,11 +320,11 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
             correct += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_correct, axis=None)
         return loss_sum, correct
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False)
     def predict(images):
         return tf.cast(model(images, training=False), tf.float32)
 
-    @tf.function
+    @tf.function(autograph=False)
     def workers_stopping(local_flag):
         """How many replicas saw a stop signal: all workers must agree on the step they stop at."""
         flags = strategy.run(lambda: tf.identity(local_flag))
@@ -342,6 +343,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         tf.summary.text("config", "| setting | value |\n|---|---|\n" + config_table, step=initial_epoch)
 
     train_seconds, examples_trained, val_predictions = 0.0, 0, None
+    train_tensors = data_lib.TrainTensors(train_images, train_labels)
     callbacks = list(hooks.callbacks) if hooks else []
     for callback in callbacks:
         callback.set_model(model)
@@ -353,10 +355,12 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
             skip = initial_step if epoch == initial_epoch else 0
             distributed = strategy.distribute_datasets_from_function(
                 lambda context, epoch=epoch, skip=skip: data_lib.train_dataset(
-                    train_images, train_labels, config.batch_size, config.seed, epoch, context, skip))
+                    train_tensors, config.batch_size, config.seed, epoch, context, skip))
             iterator = iter(distributed)
             progress = Progress(epoch + 1, config.epochs, steps)
             done, loss_sum, correct, stopping = skip, 0.0, 0.0, False
+            for callback in callbacks:
+                callback.on_epoch_begin(epoch)
             started = time.perf_counter()
             while done < steps:
                 chunk = profiler.clip(epoch * steps + done, min(config.steps_per_execution, steps - done))
@@ -365,6 +369,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                 profiler.after(epoch * steps + done + chunk)
                 loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
                 progress.update(done, loss_sum / ((done - skip) * config.batch_size))
+                for callback in callbacks:  # per call of --steps-per-execution steps, as Keras does
+                    callback.on_train_batch_end(done - 1, logs=dict(steps_done=done, steps_per_epoch=steps))
                 stopping = should_stop()
                 if stopping:
                     stop.exit_code = stop.exit_code or 143  # a peer worker was told to stop
