@@ -126,9 +126,9 @@ def test_cli_unknown_tfds_name(tmp_path):
 
 
 def test_cli_model_too_deep(idx_folder, tmp_path):
-    code, _, err = run_task(["--dataset", f"idx:{idx_folder}", "--filters", "8,8,8,8", "--job-dir",
+    code, _, err = run_task(["--dataset", f"idx:{idx_folder}", "--filters", "8,8,8,8,8", "--job-dir",
                              str(tmp_path / "job")])
-    assert_one_clear_line(code, err, "--filters 8,8,8,8", "too deep for 28x28")
+    assert_one_clear_line(code, err, "--filters 8,8,8,8,8", "too deep for 28x28")
 
 
 def test_cli_unwritable_job_dir_fails_before_training(idx_folder, tmp_path):

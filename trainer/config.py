@@ -23,13 +23,20 @@ CLASS_NAME_SETS = {
 }
 
 # The seed notebook's recipe, exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
-# `default` is the project's recipe; it starts as the seed's and is tuned by measurement (see README).
+# The Config field defaults below are these values too (tests build small seed models directly).
 SEED_RECIPE = dict(filters=(32, 64), dense_units=128, dropout=0.5, learning_rate=1e-3, batch_size=128, epochs=10,
                    convs_per_block=1, padding="valid", batch_norm=False, lr_schedule="constant", warmup_epochs=0.0,
                    augment="none")
+# `default`, the project's recipe, chosen by measurement on full Fashion-MNIST (README, Results): two 3x3
+# same-padded convs per block with narrower filters (a third of the seed model's speed on a CPU, where the
+# 32,64 pair with two convs per block ran at a seventh), batch norm, cosine decay from 2e-3, random shifts.
+# 15 epochs: 0.9334 test accuracy in 410 s of training on the 2-core development machine.
+DEFAULT_RECIPE = dict(filters=(16, 32), dense_units=256, dropout=0.4, learning_rate=2e-3, batch_size=128, epochs=15,
+                      convs_per_block=2, padding="same", batch_norm=True, lr_schedule="cosine", warmup_epochs=0.0,
+                      augment="shift")
 PRESETS = {
     "seed": SEED_RECIPE,
-    "default": dict(SEED_RECIPE),
+    "default": DEFAULT_RECIPE,
 }
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "shift", "shift-flip")
@@ -187,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and training (unset values come from --preset)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="seed: the seed notebook's exact recipe; default: this project's recipe")
+                       help="seed: the seed notebook's exact recipe; default: this project's recipe (README, "
+                            "Results): --filters 16,32 --convs-per-block 2 --padding same --batch-norm "
+                            "--dense-units 256 --dropout 0.4 --learning-rate 2e-3 --lr-schedule cosine "
+                            "--augment shift --epochs 15")
     model.add_argument("--epochs", type=int, default=None)
     model.add_argument("--batch-size", type=int, default=None, help="global batch size, split across replicas")
     model.add_argument("--learning-rate", type=float, default=None)
