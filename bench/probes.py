@@ -1,10 +1,13 @@
 """Helpers run as separate processes by bench/benchmark.py.
 
-    python bench/probes.py ceiling --out F        the seed model's train step in a tight tf.function loop
-                                                  on in-memory tensors (no input pipeline): examples/s
-    python bench/probes.py to-accuracy --target 0.9 --out F -- TRAINER FLAGS
-                                                  a trainer run that checks the test accuracy after each
-                                                  epoch (check excluded from the time) and stops at the target
+    python bench/probes.py ceiling --out F [-- TRAINER FLAGS]
+                                                  the seed model's (or the flags' model's) train step in a
+                                                  tight tf.function loop on in-memory tensors (no input
+                                                  pipeline): examples/s
+    python bench/probes.py to-accuracy --target 0.9 [--checks-per-epoch 4] --out F -- TRAINER FLAGS
+                                                  a whole trainer run that also checks the test accuracy
+                                                  4 times an epoch (checks excluded from the time) and
+                                                  records when it first reaches the target
 """
 
 import argparse
@@ -17,13 +20,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def ceiling(out, steps=300, batch_size=128):
+def ceiling(out, trainer_args, steps=300):
+    """Without trainer flags: the seed model (`--preset seed`); with them, the model and batch they set."""
     import numpy as np
 
-    from trainer.config import Config
+    from trainer.config import parse_config
     from trainer.distribute import configure_host
 
-    config = Config(job_dir="/tmp/unused", preset="seed")
+    config = parse_config(trainer_args or ["--preset", "seed"], {})
+    batch_size = config.batch_size
     configure_host(0, config.intra_op_threads, config.inter_op_threads)  # the trainer's own thread settings
     import keras
     import tensorflow as tf
@@ -31,7 +36,7 @@ def ceiling(out, steps=300, batch_size=128):
     from trainer.model import build_model
 
     model = build_model(config)
-    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
     optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     images = tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32))
@@ -50,10 +55,13 @@ def ceiling(out, steps=300, batch_size=128):
     run(tf.constant(steps)).numpy()
     seconds = time.perf_counter() - started
     with open(out, "w") as handle:
-        json.dump(dict(examples_per_second=steps * batch_size / seconds), handle)
+        json.dump(dict(examples_per_second=steps * batch_size / seconds, batch_size=batch_size,
+                       parameters=model.count_params()), handle)
 
 
-def to_accuracy(out, target, trainer_args):
+def to_accuracy(out, target, checks_per_epoch, trainer_args):
+    """Checks the test accuracy `checks_per_epoch` times an epoch (at the end of the multi-step call that
+    crosses each check point); the checks' time is excluded from the training time."""
     import keras
 
     from trainer.config import parse_config
@@ -68,22 +76,40 @@ def to_accuracy(out, target, trainer_args):
     class Target(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.train_seconds, self.reached_at, self.accuracy = 0.0, None, []
+            self.train_seconds, self.reached_at, self.checks = 0.0, None, []
+            self.epoch, self.started, self.checking, self.next_check = 0, 0.0, 0.0, 1
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.started, self.checking, self.next_check = epoch, time.perf_counter(), 0.0, 1
+
+        def on_train_batch_end(self, batch, logs=None):
+            steps = logs["steps_per_epoch"]
+            if logs["steps_done"] >= self.next_check * steps / checks_per_epoch:
+                trained = self.train_seconds + time.perf_counter() - self.started - self.checking
+                began = time.perf_counter()
+                self.check(self.epoch + logs["steps_done"] / steps, trained)
+                self.checking += time.perf_counter() - began
+                while self.next_check * steps / checks_per_epoch <= logs["steps_done"]:
+                    self.next_check += 1
 
         def on_epoch_end(self, epoch, logs=None):
-            self.train_seconds += logs["seconds"]
+            self.train_seconds += logs["seconds"] - self.checking
+
+        def check(self, epochs, trained):
             predictions = self.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
             accuracy = float((predictions == splits.test[1]).mean())
-            self.accuracy.append(accuracy)
+            self.checks.append(dict(epochs=round(epochs, 3), train_seconds=round(trained, 2), accuracy=accuracy))
+            print(f"check at epoch {epochs:.2f}, {trained:.1f} s of training: test accuracy {accuracy:.4f}", flush=True)
             if accuracy >= target and self.reached_at is None:
-                self.reached_at = self.train_seconds
+                self.reached_at = dict(seconds=trained, epochs=epochs)
 
     callback = Target()
     metrics = train_and_evaluate(config, splits=splits, hooks=RunHooks(callbacks=[callback]))
+    reached = callback.reached_at or {}
     with open(out, "w") as handle:
-        json.dump(dict(seconds_to_target=callback.reached_at, test_accuracy_per_epoch=callback.accuracy,
-                       test_accuracy=metrics["test_accuracy"], train_seconds=metrics["train_seconds"],
-                       epochs=metrics["epochs_completed"]), handle)
+        json.dump(dict(seconds_to_target=reached.get("seconds"), epochs_to_target=reached.get("epochs"),
+                       checks=callback.checks, test_accuracy=metrics["test_accuracy"],
+                       train_seconds=callback.train_seconds, epochs=metrics["epochs_completed"]), handle)
 
 
 def main():
@@ -91,14 +117,15 @@ def main():
     parser.add_argument("probe", choices=("ceiling", "to-accuracy"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--target", type=float, default=0.9)
+    parser.add_argument("--checks-per-epoch", type=int, default=4)
     argv = sys.argv[1:]
     trainer_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.probe == "ceiling":
-        ceiling(args.out)
+        ceiling(args.out, trainer_args)
     else:
-        to_accuracy(args.out, args.target, trainer_args)
+        to_accuracy(args.out, args.target, args.checks_per_epoch, trainer_args)
 
 
 if __name__ == "__main__":
