@@ -102,3 +102,30 @@ def test_help_is_instant_and_imports_no_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_hparams_file_values_fill_unset_flags_and_explicit_flags_win(tmp_path):
+    path = tmp_path / "best.json"
+    path.write_text('{"dropout": 0.3, "filters": [8, 16], "dense_units": 64}')
+    config = parse(["--preset", "seed", "--hparams-file", str(path), "--dense-units", "32", "--job-dir", "/tmp/x"])
+    assert (config.dropout, config.filters, config.dense_units) == (0.3, (8, 16), 32)
+    assert config.epochs == PRESETS["seed"]["epochs"]
+
+
+def test_out_of_range_hparams_file_value_is_one_line_naming_the_file_exit_1(tmp_path, capsys):
+    from trainer.task import main
+
+    path = tmp_path / "best.json"
+    path.write_text('{"dropout": 1.5}')
+    assert main(["--hparams-file", str(path), "--job-dir", str(tmp_path / "job")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --hparams-file {path}: --dropout must be in [0, 1), got 1.5"]
+
+
+def test_bad_flag_next_to_a_good_hparams_file_is_still_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "best.json"
+    path.write_text('{"dropout": 0.3}')
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--hparams-file", str(path), "--epochs", "0", "--job-dir", "/tmp/x"])
+    assert exit_.value.code == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err

@@ -316,7 +316,8 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     values = {key: getattr(args, key) if getattr(args, key) is not None else from_file.get(key, default)
               for key, default in preset.items()}
     job_dir = args.job_dir or default_job_dir(environ)
-    try:
+
+    def build(values):
         return Config(
             job_dir=job_dir,
             dataset=args.dataset,
@@ -342,5 +343,19 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),
             **values,
         )
+
+    try:
+        return build(values)
     except ValueError as error:
+        from_file_used = [key for key in from_file if key in preset and getattr(args, key) is None]
+        if from_file_used:  # does the command line alone pass? then the file is the culprit (exit 1, not 2)
+            from trainer.errors import TrainerError
+
+            try:
+                build({key: getattr(args, key) if getattr(args, key) is not None else default
+                       for key, default in preset.items()})
+            except ValueError:
+                pass
+            else:
+                raise TrainerError(f"--hparams-file {args.hparams_file}: {error}") from None
         parser.error(str(error))
