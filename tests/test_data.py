@@ -1,4 +1,5 @@
-"""IDX reading and validation, the train/validation/test split, and data faults seen from the command line."""
+"""IDX reading and validation, the train/validation/test split, the training pipeline's epochs, and data
+faults seen from the command line."""
 
 import gzip
 import os
@@ -148,3 +149,34 @@ def test_cli_offline_tfds_fails_fast_with_the_offline_alternative(tmp_path):
     assert time.monotonic() - started < 10
     assert_one_clear_line(code, err, "download failed", "--dataset idx:/usr/share/datasets/fashion-mnist")
     assert "WARNING:absl" not in err, "TFDS's warnings about the missing folder must not precede the error"
+
+
+class _Context:
+    """The three fields of a tf.distribute.InputContext the pipeline reads (2 workers, 1 replica each)."""
+
+    def __init__(self, pipeline_id, num_pipelines=2):
+        self.input_pipeline_id, self.num_input_pipelines, self.num_replicas_in_sync = pipeline_id, num_pipelines, num_pipelines
+
+    def get_per_replica_batch_size(self, global_batch_size):
+        return global_batch_size // self.num_replicas_in_sync
+
+
+def _epoch_pixels(tensors, epoch, context=None, skip=0, batch=8):
+    from trainer.data import train_dataset
+    return [int(x) for images, labels in train_dataset(tensors, batch, 3, epoch, context, skip)
+            for x in images.numpy()[:, 0, 0, 0] * 255]
+
+
+def test_training_epochs_see_each_example_once_in_a_fresh_order_and_resume_mid_epoch():
+    from trainer.data import TrainTensors
+
+    images = np.zeros((100, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(100)  # each example's id in its first pixel
+    tensors = TrainTensors(images, np.arange(100) % 10)
+    first, second = _epoch_pixels(tensors, 0), _epoch_pixels(tensors, 1)
+    assert len(first) == 96 and len(set(first)) == 96  # 12 full batches of 8, no example twice
+    assert first != second and first == _epoch_pixels(tensors, 0)  # reshuffled per epoch, seeded
+    assert _epoch_pixels(tensors, 0, skip=5) == first[40:]  # a resume at step 5 sees the rest of the epoch
+    workers = [_epoch_pixels(tensors, 0, _Context(i)) for i in range(2)]
+    assert len(workers[0]) == len(workers[1]) == 48  # equal step counts on both workers
+    assert not set(workers[0]) & set(workers[1])  # disjoint shares of the epoch
