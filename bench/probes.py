@@ -6,8 +6,8 @@
                                                   pipeline): examples/s
     python bench/probes.py to-accuracy --target 0.9 [--checks-per-epoch 4] --out F -- TRAINER FLAGS
                                                   a whole trainer run that also checks the test accuracy
-                                                  4 times an epoch (checks excluded from the time) and
-                                                  records when it first reaches the target
+                                                  4 times an epoch (checks excluded from the time) until
+                                                  it first reaches the target
 """
 
 import argparse
@@ -61,7 +61,8 @@ def ceiling(out, trainer_args, steps=300):
 
 def to_accuracy(out, target, checks_per_epoch, trainer_args):
     """Checks the test accuracy `checks_per_epoch` times an epoch (at the end of the multi-step call that
-    crosses each check point); the checks' time is excluded from the training time."""
+    crosses each check point) until it reaches the target, then trains on to the end of the run; the
+    checks' time is excluded from the training time."""
     import keras
 
     from trainer.config import parse_config
@@ -84,7 +85,7 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
 
         def on_train_batch_end(self, batch, logs=None):
             steps = logs["steps_per_epoch"]
-            if logs["steps_done"] >= self.next_check * steps / checks_per_epoch:
+            if self.reached_at is None and logs["steps_done"] >= self.next_check * steps / checks_per_epoch:
                 trained = self.train_seconds + time.perf_counter() - self.started - self.checking
                 began = time.perf_counter()
                 self.check(self.epoch + logs["steps_done"] / steps, trained)
