@@ -74,6 +74,23 @@ def test_auto_choice_without_a_tpu():
     assert auto_choice({}, num_gpus=1) == "default"
 
 
+def test_augmentation_on_a_tpu_is_refused_before_any_work(tmp_path):
+    """No TPU here: the default strategy is labelled "tpu" to reach the check (a stand-in, not a TPU).
+    The default recipe's random shifts use an op XLA cannot compile for TPUs in TF 2.20."""
+    import pytest
+    import tensorflow as tf
+
+    from trainer.config import Config
+    from trainer.distribute import Resolved
+    from trainer.errors import TrainerError
+    from trainer.train import train_and_evaluate
+
+    config = Config(job_dir=str(tmp_path / "job"), dataset="idx:/nowhere", augment="shift")
+    with pytest.raises(TrainerError, match="--augment shift cannot run on a TPU.*pass --augment none"):
+        train_and_evaluate(config, resolved=Resolved(tf.distribute.get_strategy(), "tpu"))
+    assert not os.path.exists(tmp_path / "job")
+
+
 def test_strategy_tpu_without_a_tpu_is_one_clear_error(tmp_path):
     code, _, err = run_task(["--strategy", "tpu", "--dataset", "idx:/nowhere", "--job-dir", str(tmp_path)])
     assert code == 1

@@ -254,6 +254,11 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
 
 
 def _run(config: Config, splits, resolved, policy: str, log, hooks) -> dict:
+    if resolved.name == "tpu" and config.augment != "none":
+        # Keras' RandomTranslation/RandomFlip use ImageProjectiveTransformV3, which XLA (every TPU step)
+        # cannot compile in TensorFlow 2.20 (tensorflow/tensorflow#100865): refuse before any work.
+        raise TrainerError(f"--augment {config.augment} cannot run on a TPU (XLA has no kernel for the image "
+                           "transform it uses in TensorFlow 2.20); pass --augment none")
     if config.batch_size % resolved.num_replicas:
         raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
                            f"replicas of the {resolved.name} strategy")
