@@ -19,6 +19,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from checks import AccuracyChecks  # noqa: E402  (bench/checks.py; this script runs from bench/)
+
 
 def ceiling(out, trainer_args, steps=300):
     """Without trainer flags: the seed model (`--preset seed`); with them, the model and batch they set."""
@@ -77,40 +79,27 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
     class Target(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.train_seconds, self.reached_at, self.checks = 0.0, None, []
-            self.epoch, self.started, self.checking, self.next_check = 0, 0.0, 0.0, 1
+            self.clock = AccuracyChecks(target, checks_per_epoch, self.test_accuracy)
+
+        def test_accuracy(self):
+            predictions = self.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
+            return (predictions == splits.test[1]).mean()
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch, self.started, self.checking, self.next_check = epoch, time.perf_counter(), 0.0, 1
+            self.clock.begin_epoch(epoch)
 
         def on_train_batch_end(self, batch, logs=None):
-            steps = logs["steps_per_epoch"]
-            if self.reached_at is None and logs["steps_done"] >= self.next_check * steps / checks_per_epoch:
-                trained = self.train_seconds + time.perf_counter() - self.started - self.checking
-                began = time.perf_counter()
-                self.check(self.epoch + logs["steps_done"] / steps, trained)
-                self.checking += time.perf_counter() - began
-                while self.next_check * steps / checks_per_epoch <= logs["steps_done"]:
-                    self.next_check += 1
+            self.clock.after_steps(logs["steps_done"], logs["steps_per_epoch"])
 
         def on_epoch_end(self, epoch, logs=None):
-            self.train_seconds += logs["seconds"] - self.checking
-
-        def check(self, epochs, trained):
-            predictions = self.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
-            accuracy = float((predictions == splits.test[1]).mean())
-            self.checks.append(dict(epochs=round(epochs, 3), train_seconds=round(trained, 2), accuracy=accuracy))
-            print(f"check at epoch {epochs:.2f}, {trained:.1f} s of training: test accuracy {accuracy:.4f}", flush=True)
-            if accuracy >= target and self.reached_at is None:
-                self.reached_at = dict(seconds=trained, epochs=epochs)
+            self.clock.end_epoch(logs["seconds"])
 
     callback = Target()
     metrics = train_and_evaluate(config, splits=splits, hooks=RunHooks(callbacks=[callback]))
-    reached = callback.reached_at or {}
+    clock = callback.clock
     with open(out, "w") as handle:
-        json.dump(dict(seconds_to_target=reached.get("seconds"), epochs_to_target=reached.get("epochs"),
-                       checks=callback.checks, test_accuracy=metrics["test_accuracy"],
-                       train_seconds=callback.train_seconds, epochs=metrics["epochs_completed"]), handle)
+        json.dump(dict(**clock.result(), test_accuracy=metrics["test_accuracy"], train_seconds=clock.train_seconds,
+                       epochs=metrics["epochs_completed"]), handle)
 
 
 def main():

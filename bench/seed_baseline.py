@@ -15,9 +15,10 @@ import gzip
 import json
 import os
 import struct
-import time
 
 import numpy as np
+
+from checks import AccuracyChecks  # bench/checks.py (this script runs from bench/)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -60,49 +61,36 @@ def main():
     ])
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
+    clock = AccuracyChecks(args.until_accuracy, args.checks_per_epoch,
+                           lambda: model.evaluate(x_test, y_test, batch_size=1000, verbose=0)[1])
+
     class Timing(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.train_seconds, self.reached_at, self.epoch_start, self.checks = 0.0, None, None, []
-            self.epoch, self.checking, self.next_check = 0, 0.0, 1
+            self.in_epoch = False
 
         def on_epoch_begin(self, epoch, logs=None):
-            self.epoch, self.epoch_start, self.checking, self.next_check = epoch, time.perf_counter(), 0.0, 1
+            clock.begin_epoch(epoch)
+            self.in_epoch = True
 
         def on_train_batch_end(self, batch, logs=None):
-            steps = self.params["steps"]
-            if args.until_accuracy is None or batch + 1 < self.next_check * steps / args.checks_per_epoch:
-                return
-            trained = self.train_seconds + time.perf_counter() - self.epoch_start - self.checking
-            began = time.perf_counter()
-            accuracy = float(self.model.evaluate(x_test, y_test, batch_size=1000, verbose=0)[1])
-            self.checking += time.perf_counter() - began
-            epochs = self.epoch + (batch + 1) / steps
-            self.checks.append(dict(epochs=round(epochs, 3), train_seconds=round(trained, 2), accuracy=accuracy))
-            print(f"check at epoch {epochs:.2f}, {trained:.1f} s of training: test accuracy {accuracy:.4f}", flush=True)
-            self.next_check += 1
-            if accuracy >= args.until_accuracy and self.reached_at is None:
-                self.reached_at = dict(seconds=trained, epochs=epochs)
+            if clock.after_steps(batch + 1, self.params["steps"]):
                 self.model.stop_training = True
 
         def on_test_begin(self, logs=None):
-            if self.epoch_start is not None:  # the validation pass at the end of an epoch
-                self.train_seconds += time.perf_counter() - self.epoch_start - self.checking
-                self.epoch_start = None
+            if self.in_epoch:  # the validation pass at the end of an epoch
+                clock.end_epoch()
+                self.in_epoch = False
 
-    timing = Timing()
     epochs = args.epochs if args.until_accuracy is None else 100
-    model.fit(x_train, y_train, batch_size=128, epochs=epochs, validation_split=0.1, callbacks=[timing], verbose=2)
+    model.fit(x_train, y_train, batch_size=128, epochs=epochs, validation_split=0.1, callbacks=[Timing()], verbose=2)
     test_loss, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
     model.save(args.model_path or os.path.join(os.path.dirname(os.path.abspath(args.out)), "seed_model.keras"))
     train_examples = int(len(x_train) * 0.9)
-    reached = timing.reached_at or {}
     with open(args.out, "w") as handle:
-        json.dump(dict(test_accuracy=test_accuracy, train_seconds=timing.train_seconds,
-                       examples_per_second=train_examples * args.epochs / timing.train_seconds
-                       if args.until_accuracy is None else None,
-                       seconds_to_target=reached.get("seconds"), epochs_to_target=reached.get("epochs"),
-                       checks=timing.checks), handle)
+        json.dump(dict(test_accuracy=test_accuracy, train_seconds=clock.train_seconds,
+                       examples_per_second=train_examples * args.epochs / clock.train_seconds
+                       if args.until_accuracy is None else None, **clock.result()), handle)
 
 
 if __name__ == "__main__":
