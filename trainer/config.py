@@ -313,11 +313,15 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
-    values = {key: getattr(args, key) if getattr(args, key) is not None else from_file.get(key, default)
-              for key, default in preset.items()}
+
+    def recipe(fallback: dict) -> dict:
+        """Each recipe setting: the flag if given, else the fallback's value, else the preset's."""
+        return {key: getattr(args, key) if getattr(args, key) is not None else fallback.get(key, default)
+                for key, default in preset.items()}
+
     job_dir = args.job_dir or default_job_dir(environ)
 
-    def build(values):
+    def build(values: dict) -> Config:
         return Config(
             job_dir=job_dir,
             dataset=args.dataset,
@@ -345,15 +349,14 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
         )
 
     try:
-        return build(values)
+        return build(recipe(from_file))
     except ValueError as error:
         from_file_used = [key for key in from_file if key in preset and getattr(args, key) is None]
         if from_file_used:  # does the command line alone pass? then the file is the culprit (exit 1, not 2)
             from trainer.errors import TrainerError
 
             try:
-                build({key: getattr(args, key) if getattr(args, key) is not None else default
-                       for key, default in preset.items()})
+                build(recipe({}))
             except ValueError:
                 pass
             else:

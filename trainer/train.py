@@ -216,8 +216,9 @@ def evaluate(predict, images: np.ndarray, labels: np.ndarray):
 class RunHooks:
     """Extras for runs driven by other code: Keras callbacks (on_epoch_begin; on_train_batch_end after each
     multi-step call, logs `steps_done` and `steps_per_epoch`; on_epoch_end with the history row plus
-    `seconds` of training, which includes the time spent in the callbacks), starting weights (Hyperband continues earlier trials), and for search trials
-    no test evaluation or export (the test split is kept for the final retraining)."""
+    `seconds` of training, which includes the time spent in the callbacks), starting weights (Hyperband
+    continues earlier trials), and for search trials no test evaluation or export (the test split is kept
+    for the final retraining)."""
 
     callbacks: Sequence = ()
     initial_weights: Optional[list] = None
