@@ -21,7 +21,7 @@ def parse(args, environ=None):
     (["--dropout", "1.0"], "--dropout must be in [0, 1)"),
     (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be a positive finite number"),
     (["--validation-fraction", "1.5"], "--validation-fraction must be in (0, 1)"),
     (["--filters", "32,x"], "argument --filters: expected comma-separated integers"),
     (["--filters", "32,0"], "argument --filters: every filter count must be a positive integer"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import math
 import os
 import posixpath
 import re
@@ -119,7 +120,8 @@ def validate(config: Config) -> None:
 
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
-    require(config.learning_rate > 0, f"--learning-rate must be positive, got {config.learning_rate}")
+    require(config.learning_rate > 0 and math.isfinite(config.learning_rate),
+            f"--learning-rate must be a positive finite number, got {config.learning_rate}")
     require(len(config.filters) >= 1 and all(f >= 1 for f in config.filters),
             f"--filters needs one or more positive integers, got {','.join(map(str, config.filters))}")
     require(config.dense_units >= 1, f"--dense-units must be at least 1, got {config.dense_units}")
@@ -154,6 +156,55 @@ def validate(config: Config) -> None:
     if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
         require(len(config.class_names.split(",")) == 10,
                 "--class-names must be auto, digits, fashion or ten comma-separated names")
+    overlap = output_overlap(output_folders(config), lexical_path)
+    require(overlap is None, overlap or "")
+
+
+OUTPUT_FLAGS = {"job_dir": "--job-dir", "model_dir": "--model-dir", "log_dir": "--log-dir",
+                "checkpoint_dir": "--checkpoint-dir"}
+
+
+def output_folders(config: Config) -> dict:
+    """{flag: folder} of a run's outputs; `plots/` is the job dir's own (its PNGs are replaced by name)."""
+    folders = {flag: getattr(config, name) for name, flag in OUTPUT_FLAGS.items()}
+    folders["JOB_DIR/plots"] = join_path(config.job_dir, "plots")
+    return folders
+
+
+def lexical_path(path: str) -> str:
+    """A folder's absolute, normalised spelling without touching the file system (gs:// kept as such)."""
+    if path.startswith("gs://"):
+        return "gs://" + posixpath.normpath(path[len("gs://"):]).lstrip("/")
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _inside(inner: str, outer: str) -> bool:
+    """`inner` is `outer` or lies somewhere below it (both canonical)."""
+    sep = "/" if outer.startswith("gs://") else os.sep
+    return inner == outer or inner.startswith(outer.rstrip(sep) + sep)
+
+
+def output_overlap(folders: Mapping[str, str], canonical) -> Optional[str]:
+    """Why these output folders would destroy each other's files, or None when they are safe.
+
+    Export swaps the whole model folder, `--no-resume` and gs:// checkpoint syncing delete what is not
+    theirs: so the model, log and checkpoint folders (and JOB_DIR/plots) must be pairwise apart (neither
+    the same nor one inside the other), and none of them may be or contain the job dir. Each may lie
+    inside the job dir (the default layout) or anywhere else.
+    """
+    paths = {flag: canonical(path) for flag, path in folders.items()}
+    flags = list(paths)
+    for index, flag in enumerate(flags):
+        for other in flags[index + 1:]:
+            first, second = paths[flag], paths[other]
+            if flag == "--job-dir" and not _inside(first, second):
+                continue  # an output inside the job dir is the normal layout
+            if _inside(first, second) or _inside(second, first):
+                relation = ("is the same folder as" if first == second else
+                            "lies inside" if _inside(first, second) else "contains")
+                return (f"{flag} {folders[flag]} {relation} {other} {folders[other]}: the run would overwrite or "
+                        "delete the other's files; give each output its own folder")
+    return None
 
 
 def _positive_int_list(text: str) -> Tuple[int, ...]:
