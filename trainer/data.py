@@ -79,23 +79,25 @@ def read_idx(path: str, kind: str) -> np.ndarray:
     return array
 
 
-def _find_idx_file(folder: str, stem: str) -> str:
+def _find_idx_file(folder: str, stem: str, shown: str) -> str:
     for candidate in (stem, stem + ".gz"):
         path = os.path.join(folder, candidate)
         if os.path.isfile(path):
             return path
-    raise TrainerError(f"{folder}: missing {stem} (or {stem}.gz); an idx: folder needs the four MNIST-format "
+    raise TrainerError(f"{shown}: missing {stem} (or {stem}.gz); an idx: folder needs the four MNIST-format "
                        f"files {', '.join(IDX_FILES.values())}")
 
 
 def load_idx_folder(folder: str) -> dict:
     """The four arrays of an IDX folder, checked for matching counts."""
+    shown = folder
     if folder.startswith("gs://"):
         from trainer.storage import cached_copy
-        folder = cached_copy(folder)  # downloaded once, reused while the objects are unchanged
+        folder = cached_copy(folder)  # checked against the bucket on every run; only changed objects download
     if not os.path.isdir(folder):
         raise TrainerError(f"{folder}: no such folder (--dataset idx:{folder})")
-    arrays = {key: read_idx(_find_idx_file(folder, stem), key.split("_")[1]) for key, stem in IDX_FILES.items()}
+    arrays = {key: read_idx(_find_idx_file(folder, stem, shown), key.split("_")[1])
+              for key, stem in IDX_FILES.items()}
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(images) != len(labels):

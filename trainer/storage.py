@@ -20,6 +20,10 @@ from trainer.errors import TrainerError
 
 SUCCESS_MARKER = "_SUCCESS"
 _ATTEMPTS = 3
+# Seconds one request may take. Requests go out without the client's own retry policy (which keeps
+# retrying for up to two minutes): `call` retries transient faults _ATTEMPTS times, so an unreachable
+# Cloud Storage is reported in one line within a bounded time.
+TIMEOUT = 30.0
 
 
 def is_gcs(path: Optional[str]) -> bool:
@@ -65,22 +69,39 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}{f' {code}' if code else ''}"
 
 
-def _retrying(action, what: str, not_found: Optional[str] = None):
+def _transient_errors() -> tuple:
+    import google.auth.exceptions
+    import requests
     from google.api_core import exceptions
 
-    transient = (exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway,
-                 exceptions.ServiceUnavailable, exceptions.GatewayTimeout, ConnectionError, TimeoutError)
+    return (exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway,
+            exceptions.ServiceUnavailable, exceptions.GatewayTimeout, ConnectionError, TimeoutError,
+            requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+            google.auth.exceptions.TransportError, _ChecksumMismatch)
+
+
+def call(action, what: str, not_found: Optional[str] = None, passthrough: tuple = ()):
+    """Run one Cloud Storage request: transient faults retried, every other fault one TrainerError line.
+
+    Exceptions in `passthrough` (e.g. PreconditionFailed for the job-dir lock) reach the caller as they are.
+    """
+    from google.api_core import exceptions
+
     for attempt in range(1, _ATTEMPTS + 1):
         try:
             return action()
+        except passthrough:
+            raise
         except exceptions.NotFound:
             raise TrainerError(not_found or f"{what}: not found") from None
-        except (transient + (_ChecksumMismatch,)) as error:
+        except _transient_errors() as error:
             if attempt == _ATTEMPTS:
-                raise TrainerError(f"{what}: failed after {_ATTEMPTS} attempts ({_describe(error)})") from None
+                raise TrainerError(f"{what}: cannot reach Cloud Storage, failed after {_ATTEMPTS} attempts "
+                                   f"({_describe(error)})") from None
             time.sleep(0.5 * 2 ** attempt)
         except exceptions.GoogleAPICallError as error:
             raise TrainerError(f"{what}: {_describe(error)}") from None
+
 
 
 class _ChecksumMismatch(Exception):
@@ -123,12 +144,12 @@ def upload_file(local_path: str, url: str) -> None:
     size = os.path.getsize(local_path)
 
     def upload():
-        blob.upload_from_filename(local_path, checksum="crc32c")
-        blob.reload()
+        blob.upload_from_filename(local_path, checksum="crc32c", retry=None, timeout=TIMEOUT)
+        blob.reload(retry=None, timeout=TIMEOUT)
         if blob.size != size:
             raise _ChecksumMismatch(f"stored {blob.size} bytes, expected {size}")
 
-    _retrying(upload, f"upload of {local_path} to {url}")
+    call(upload, f"upload of {local_path} to {url}")
 
 
 def _local_files(folder: str) -> Iterable[str]:
@@ -141,7 +162,8 @@ def list_objects(url: str) -> dict:
     """{relative name: blob} under a gs:// folder."""
     bucket_name, prefix = split_url(url)
     folder = prefix + "/" if prefix else ""
-    blobs = _retrying(lambda: list(client().list_blobs(bucket_name, prefix=folder)), f"listing {url}",
+    blobs = call(lambda: list(client().list_blobs(bucket_name, prefix=folder, retry=None, timeout=TIMEOUT)),
+                 f"listing {url}",
                       not_found=f"gs://{bucket_name}: bucket does not exist (from {url})")
     return {blob.name[len(folder):]: blob for blob in blobs if not blob.name.endswith("/")}
 
@@ -157,11 +179,12 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
             upload_file(path, f"{url.rstrip('/')}/{name}")
     if mirror_deletions:
         for name in set(remote) - set(local):
-            _retrying(remote[name].delete, f"deleting {url.rstrip('/')}/{name}")
+            call(remote[name].delete, f"deleting {url.rstrip('/')}/{name}")
 
 
-def download_dir(url: str, local_dir: str) -> int:
-    """Copy every object under a gs:// folder into local_dir, skipping files already equal; returns the count."""
+def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
+    """Copy every object under a gs:// folder into local_dir, skipping files already equal (crc32c);
+    with `mirror`, local files the bucket no longer holds are removed. Returns the object count."""
     objects = list_objects(url)
     for name, blob in objects.items():
         path = os.path.join(local_dir, *name.split("/"))
@@ -169,56 +192,79 @@ def download_dir(url: str, local_dir: str) -> int:
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.partial-{os.getpid()}"
-        _retrying(lambda: blob.download_to_filename(partial, checksum="crc32c"), f"download of {url}/{name}")
+        call(lambda: blob.download_to_filename(partial, checksum="crc32c", retry=None, timeout=TIMEOUT),
+             f"download of {url}/{name}")
         os.replace(partial, path)
+    if mirror:
+        for name in set(_local_files(local_dir)) - set(objects):
+            if ".partial-" not in name:  # another process's download in progress
+                os.remove(os.path.join(local_dir, *name.split("/")))
     return len(objects)
 
 
 def publish_model(local_dir: str, url: str) -> None:
-    """Put a finished model folder at `url` so that no reader sees half of it.
+    """Put a finished model folder at `url` so that a reader who waits for `_SUCCESS` never sees half of it.
 
-    Cloud Storage has no rename: the files go to a temporary prefix first (an interrupted upload leaves
-    the old model untouched), then `_SUCCESS` is removed, the files are copied server-side into place,
-    stale objects are deleted and `_SUCCESS` is written last. Readers wait for `_SUCCESS`.
+    Cloud Storage has no rename: the files go to a temporary prefix `MODEL.partial-*` first (an
+    interrupted upload leaves the old model and its `_SUCCESS` untouched), then `_SUCCESS` is removed,
+    the files are copied server-side into place, stale objects are deleted and `_SUCCESS` is written
+    last. Between the removal and the new `_SUCCESS` (seconds: server-side copies) the folder may mix
+    old and new files. Temporary prefixes left by an earlier interrupted publish are removed first.
     """
     bucket_name, prefix = split_url(url)
     bucket = client().bucket(bucket_name)
+    remove_partial_uploads(url)
     staged_url = f"gs://{bucket_name}/{prefix}.partial-{uuid.uuid4().hex[:8]}"
     try:
         sync_up(local_dir, staged_url)
-    except BaseException:
+        staged = list_objects(staged_url)
+        marker = bucket.blob(_join(prefix, SUCCESS_MARKER))
+        call(lambda: marker.exists() and marker.delete(), f"removing {url}/{SUCCESS_MARKER}")
+        for name, blob in staged.items():
+            call(lambda blob=blob, name=name: bucket.copy_blob(blob, bucket, _join(prefix, name), retry=None,
+                                                                timeout=TIMEOUT),
+                 f"copying {name} into {url}")
+        for name, blob in list_objects(url).items():
+            if name not in staged and name != SUCCESS_MARKER:
+                call(blob.delete, f"deleting stale {url}/{name}")
+        call(lambda: marker.upload_from_string(b"", retry=None, timeout=TIMEOUT), f"writing {url}/{SUCCESS_MARKER}")
+    finally:
         _delete_quietly(staged_url)
-        raise
-    staged = list_objects(staged_url)
-    marker = bucket.blob(_join(prefix, SUCCESS_MARKER))
-    _retrying(lambda: marker.exists() and marker.delete(), f"removing {url}/{SUCCESS_MARKER}")
-    for name, blob in staged.items():
-        _retrying(lambda blob=blob, name=name: bucket.copy_blob(blob, bucket, _join(prefix, name)),
-                  f"copying {name} into {url}")
-    for name, blob in list_objects(url).items():
-        if name not in staged and name != SUCCESS_MARKER:
-            _retrying(blob.delete, f"deleting stale {url}/{name}")
-    _retrying(lambda: marker.upload_from_string(b""), f"writing {url}/{SUCCESS_MARKER}")
-    for blob in staged.values():
-        _retrying(blob.delete, "removing the temporary upload")
+
+
+def remove_partial_uploads(url: str) -> None:
+    """Delete `MODEL.partial-*` objects that an interrupted earlier publish of `url` left behind."""
+    bucket_name, prefix = split_url(url)
+    blobs = call(lambda: list(client().list_blobs(bucket_name, prefix=f"{prefix}.partial-", retry=None,
+                                                  timeout=TIMEOUT)), f"listing {url}.partial-*")
+    for blob in blobs:
+        call(blob.delete, f"deleting the leftover {blob.name}")
+
+
+def is_model_folder(url: str) -> bool:
+    """True when a gs:// folder is empty or holds a model this trainer exported (safe to replace)."""
+    names = set(list_objects(url))
+    return not names or {"saved_model.pb", "class_names.json"} <= names
 
 
 def _delete_quietly(url: str) -> None:
-    """Best-effort removal of a temporary prefix after a failure (the failure is what gets reported)."""
+    """Best-effort removal of a temporary prefix (after success, or after a failure that gets reported)."""
     try:
         for blob in list_objects(url).values():
-            blob.delete()
+            blob.delete(retry=None, timeout=TIMEOUT)
     except Exception:
         pass
 
 
 def cached_copy(url: str, cache_root: Optional[str] = None) -> str:
-    """A local copy of a gs:// folder (e.g. an idx: dataset), downloaded once and reused while unchanged."""
+    """A local copy of a gs:// folder (e.g. an idx: dataset), checked against the bucket on every call:
+    changed objects are fetched again and deleted ones removed, so the copy never goes stale. An
+    unreachable bucket is a TrainerError (never a silent use of the cache)."""
     bucket_name, prefix = split_url(url)
     cache_root = cache_root or os.environ.get("MNIST_TRAINER_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "mnist-trainer")
     local = os.path.join(cache_root, "gcs", bucket_name, *[part for part in prefix.split("/") if part])
     os.makedirs(local, exist_ok=True)
-    if download_dir(url, local) == 0:
+    if download_dir(url, local, mirror=True) == 0:
         raise TrainerError(f"{url}: no objects there (or the bucket does not exist)")
     return local
