@@ -9,11 +9,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, List, Sequence
 
 import numpy as np
+
+from trainer.errors import TrainerError
+from trainer.joblock import process_alive
 
 CLASS_NAMES_FILE = "class_names.json"
 KERAS_FILE = "model.keras"
@@ -31,11 +35,46 @@ def _replace_dir(staged: str, final: str) -> None:
     final = final.rstrip("/")
     previous = None
     if os.path.exists(final):
+        if not is_model_folder(final):
+            raise TrainerError(f"--model-dir {final}: holds files that are not a model exported by this trainer; "
+                               "the export would delete them, so choose an empty or new folder")
         previous = f"{final}.old-{os.getpid()}"
         os.replace(final, previous)
     os.replace(staged, final)
     if previous:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def is_model_folder(path: str) -> bool:
+    """True when `path` is absent, empty or a model this trainer exported: the only folders export replaces."""
+    if not os.path.isdir(path):
+        return not os.path.exists(path)
+    names = set(os.listdir(path))
+    return not names or {"saved_model.pb", CLASS_NAMES_FILE} <= names
+
+
+_DEBRIS = re.compile(r"^(?:\.(?P<staged>.+)\.partial-|(?P<old>.+)\.old-)(?P<pid>\d+)")
+
+
+def remove_export_debris(model_dir: str) -> List[str]:
+    """Remove what an export killed part-way left beside `model_dir` (`.NAME.partial-PID-*` staging folders,
+    `NAME.old-PID` swapped-out models) when process PID is gone; an old model whose replacement never
+    arrived is put back first. Returns the removed names."""
+    model_dir = os.path.abspath(model_dir.rstrip("/"))
+    parent, base = os.path.split(model_dir)
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        match = _DEBRIS.match(name)
+        pid = int(match["pid"]) if match else 0
+        if not match or base not in (match["staged"], match["old"]) or (pid != os.getpid() and process_alive(pid)):
+            continue  # another live process's export in progress (this process has none running now)
+        path = os.path.join(parent, name)
+        if match["old"] and not os.path.exists(model_dir):
+            os.replace(path, model_dir)  # killed between the two renames: the previous model comes back
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -56,7 +95,7 @@ def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
     model_dir = os.path.abspath(model_dir.rstrip("/"))
     parent = os.path.dirname(model_dir)
     os.makedirs(parent, exist_ok=True)
-    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.partial-", dir=parent)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.partial-{os.getpid()}-", dir=parent)
     try:
         def serve(image):
             pixels = tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from typing import Dict, Optional
 
-from trainer import storage
+from trainer import export, joblock, storage
 from trainer.config import Config
 from trainer.errors import TrainerError
 
@@ -31,6 +31,7 @@ class Outputs:
     restore_dir: Optional[str]  # a local folder holding the checkpoints to resume from (None: start fresh)
     remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
     scratch: Optional[str] = None
+    lock: Optional[object] = None  # the chief's hold on the job dir (trainer.joblock)
 
     @property
     def metrics_path(self) -> str:
@@ -67,6 +68,9 @@ class Outputs:
     def close(self) -> None:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def _make_dir(path: str, flag: str) -> None:
@@ -77,8 +81,30 @@ def _make_dir(path: str, flag: str) -> None:
         raise TrainerError(f"--{flag} {path}: cannot write there ({error.strerror or error})") from None
 
 
+def _check_chief_outputs(config: Config) -> None:
+    """Checks that need the file system: overlaps through symbolic links, and a model folder that export
+    could only replace by deleting someone else's files."""
+    from trainer.config import output_folders, output_overlap
+
+    overlap = output_overlap(output_folders(config),
+                             lambda path: path if storage.is_gcs(path) else os.path.realpath(path))
+    if overlap:
+        raise TrainerError(overlap)
+    safe = (storage.is_model_folder(config.model_dir) if storage.is_gcs(config.model_dir)
+            else export.is_model_folder(config.model_dir.rstrip("/") or "/"))
+    if not safe:
+        raise TrainerError(f"--model-dir {config.model_dir}: holds files that are not a model exported by this "
+                           "trainer; the export would delete them, so choose an empty or new folder")
+    if not storage.is_gcs(config.model_dir):
+        export.remove_export_debris(config.model_dir)
+
+
 def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> Outputs:
-    """Check and create every output now, so a bad path fails before data loads or training starts."""
+    """Check and create every output now, so a bad path fails before data loads or training starts.
+
+    The chief locks the job dir first (one writer per job dir, see trainer.joblock); the lock is released
+    by `Outputs.close`.
+    """
     requested = {name: getattr(config, name) for name in NAMES}
     staged = not is_chief or any(storage.is_gcs(path) for path in requested.values())
     scratch = tempfile.mkdtemp(prefix=f"worker{task_id}-" if not is_chief else "mnist-trainer-staging-") \
@@ -91,11 +117,15 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
                 remote[name] = path
         else:
             local[name] = path
+    lock = None
     try:
         for url in dict.fromkeys(remote.values()):
             storage.check_writable(url)
         for name in ("job_dir", "log_dir", "checkpoint_dir"):
             _make_dir(local[name], name.replace("_", "-"))
+        if is_chief:
+            lock = joblock.acquire(config.job_dir)
+            _check_chief_outputs(config)
         _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir")
         restore_dir = None
         if config.resume:
@@ -106,5 +136,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
     except BaseException:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+        if lock is not None:
+            lock.release()
         raise
-    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, **local)
+    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock, **local)

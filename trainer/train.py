@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "filters
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 EVAL_BATCH_SIZE = 1000
+DIVERGED_LOSS = 100.0
 
 
 class StopRequest:
@@ -190,6 +192,20 @@ def weights_checksum(model) -> str:
     for weight in model.weights:
         digest.update(np.asarray(weight.numpy(), dtype=np.float32).tobytes())
     return digest.hexdigest()[:16]
+
+
+def _check_finite(value: float, what: str, where: str, config: Config, manager) -> None:
+    """A diverged mean loss ends the run (exit 1) before anything is saved or exported: the weights are
+    lost, and a model that answers one class for everything must never replace a good one. Diverged means
+    NaN, infinite, or above DIVERGED_LOSS: Keras clips probabilities to [1e-7, 1], so an honest
+    cross-entropy never exceeds -ln(1e-7) = 16.1 per example."""
+    if math.isfinite(value) and value <= DIVERGED_LOSS:
+        return
+    kept = manager.latest_checkpoint or "none yet"
+    raise TrainerError(f"training diverged: {what} {value:.4g} at {where}; nothing was "
+                       f"exported and the last good checkpoint is kept ({kept}); the likely cause is a learning rate "
+                       f"too high for this model (--learning-rate {config.learning_rate:g}): lower it and rerun with "
+                       "--no-resume")
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
@@ -373,6 +389,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                 profiler.before(epoch * steps + done)
                 chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
                 profiler.after(epoch * steps + done + chunk)
+                _check_finite(float(chunk_loss) / (chunk * config.batch_size), "training loss",
+                              f"epoch {epoch + 1}, steps {done + 1}-{done + chunk} of {steps}", config, manager)
                 loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
                 progress.update(done, loss_sum / ((done - skip) * config.batch_size))
                 for callback in callbacks:  # per call of --steps-per-execution steps, as Keras does
@@ -397,6 +415,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                                                   f"checkpoint {saved}; rerun the same command to resume")
 
             val_loss, val_accuracy, val_predictions = evaluate(predict, *splits.validation)
+            _check_finite(val_loss, "validation loss", f"the end of epoch {epoch + 1}", config, manager)
             row = dict(epoch=epoch + 1, loss=loss_sum / examples, accuracy=correct / examples,
                        val_loss=val_loss, val_accuracy=val_accuracy,
                        learning_rate=float(optimizer.learning_rate.numpy()))
