@@ -23,22 +23,63 @@ CLASS_NAME_SETS = {
                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 }
 
-# The seed notebook's recipe, exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
-# The Config field defaults below are these values too (tests build small seed models directly).
-SEED_RECIPE = dict(filters=(32, 64), dense_units=128, dropout=0.5, learning_rate=1e-3, batch_size=128, epochs=10,
-                   convs_per_block=1, padding="valid", batch_norm=False, lr_schedule="constant", warmup_epochs=0.0,
-                   augment="none")
-# `default`, the project's recipe, chosen by measurement on full Fashion-MNIST (README, Results): two 3x3
-# same-padded convs per block with narrower filters (a third of the seed model's speed on a CPU, where the
-# 32,64 pair with two convs per block ran at a seventh), batch norm, cosine decay from 2e-3, random shifts.
-# 15 epochs: 0.9334 test accuracy in 410 s of training on the 2-core development machine.
-DEFAULT_RECIPE = dict(filters=(16, 32), dense_units=256, dropout=0.4, learning_rate=2e-3, batch_size=128, epochs=15,
-                      convs_per_block=2, padding="same", batch_norm=True, lr_schedule="cosine", warmup_epochs=0.0,
-                      augment="shift")
+def _positive_int_list(text: str) -> Tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every filter count must be a positive integer, got {text!r}")
+    return values
+
+
+def _step_range(text: str) -> Tuple[int, int]:
+    values = _positive_int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected START,END such as 10,20, got {text!r}")
+    return values
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+# Every recipe setting, defined once: the parser that reads it (flags and --hparams-file), the seed
+# notebook's value, and this project's default.
+# seed: the notebook exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
+# default: chosen by measurement on full Fashion-MNIST (README, Results): two 3x3 same-padded convs per
+# block with narrower filters (a third of the seed model's speed on a CPU, where the 32,64 pair with two
+# convs per block ran at a seventh), batch norm, cosine decay from 2e-3, random shifts; 15 epochs reach
+# 0.9334 test accuracy in about 410 s of training on the 2-core development machine.
+RECIPE = {
+    #                  parser               seed         default
+    "filters":         (_positive_int_list, (32, 64),    (16, 32)),
+    "dense_units":     (int,                128,         256),
+    "dropout":         (float,              0.5,         0.4),
+    "learning_rate":   (float,              1e-3,        2e-3),
+    "batch_size":      (int,                128,         128),
+    "epochs":          (int,                10,          15),
+    "convs_per_block": (int,                1,           2),
+    "padding":         (str,                "valid",     "same"),
+    "batch_norm":      (_bool,              False,       True),
+    "lr_schedule":     (str,                "constant",  "cosine"),
+    "warmup_epochs":   (float,              0.0,         0.0),
+    "augment":         (str,                "none",      "shift"),
+}
+SEED_RECIPE = {key: seed for key, (_, seed, _) in RECIPE.items()}
+DEFAULT_RECIPE = {key: default for key, (_, _, default) in RECIPE.items()}
 PRESETS = {
     "seed": SEED_RECIPE,
     "default": DEFAULT_RECIPE,
 }
+# Values an --hparams-file may set (the recipe), and the settings a checkpoint must share with the run
+# that resumes from it: the data and the recipe, except epochs (a resumed run may train longer).
+HPARAM_KEYS = {key: parse for key, (parse, _, _) in RECIPE.items()}
+RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed") + tuple(key for key in RECIPE if key != "epochs")
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "shift", "shift-flip")
 PADDINGS = ("valid", "same")
@@ -48,25 +89,29 @@ _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:[0-9.*]+)?$")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The resolved settings of one run. Built by `parse_config`; tests may build it directly."""
+    """The resolved settings of one run. Built by `parse_config`; tests may build it directly.
+
+    Recipe settings left unset (None) take the value of the preset the Config names, so
+    `Config(job_dir=..., preset="seed")` is the seed notebook's network and `Config(job_dir=...)` the default.
+    """
 
     job_dir: str
     dataset: str = "mnist"
     data_dir: Optional[str] = None
     train_limit: Optional[int] = None
     validation_fraction: float = 0.1
-    epochs: int = 10
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    filters: Tuple[int, ...] = (32, 64)
-    dense_units: int = 128
-    dropout: float = 0.5
-    convs_per_block: int = 1
-    padding: str = "valid"
-    batch_norm: bool = False
-    lr_schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    augment: str = "none"
+    epochs: int = None
+    batch_size: int = None
+    learning_rate: float = None
+    filters: Tuple[int, ...] = None
+    dense_units: int = None
+    dropout: float = None
+    convs_per_block: int = None
+    padding: str = None
+    batch_norm: bool = None
+    lr_schedule: str = None
+    warmup_epochs: float = None
+    augment: str = None
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -85,7 +130,12 @@ class Config:
     hypertune: bool = False
 
     def __post_init__(self):
-        # Derived folders default to the job dir's sub-folders (DESIGN.md's output layout).
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        # Derived folders default to the job dir's sub-folders: model/, logs/, checkpoints/.
         for name, sub in (("model_dir", "model"), ("log_dir", "logs"), ("checkpoint_dir", "checkpoints")):
             if not getattr(self, name):
                 object.__setattr__(self, name, join_path(self.job_dir, sub))
@@ -207,23 +257,6 @@ def output_overlap(folders: Mapping[str, str], canonical) -> Optional[str]:
     return None
 
 
-def _positive_int_list(text: str) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}")
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every filter count must be a positive integer, got {text!r}")
-    return values
-
-
-def _step_range(text: str) -> Tuple[int, int]:
-    values = _positive_int_list(text)
-    if len(values) != 2:
-        raise argparse.ArgumentTypeError(f"expected START,END such as 10,20, got {text!r}")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.task",
@@ -314,19 +347,6 @@ def default_job_dir(environ: Mapping[str, str], now: Optional[datetime.datetime]
         return posixpath.dirname(model_dir.rstrip("/"))
     now = now or datetime.datetime.now(datetime.timezone.utc)
     return os.path.join("runs", now.strftime("%Y%m%d-%H%M%S"))
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
-HPARAM_KEYS = {"filters": _positive_int_list, "dropout": float, "dense_units": int, "learning_rate": float,
-               "batch_size": int, "epochs": int, "convs_per_block": int, "padding": str, "batch_norm": _bool,
-               "lr_schedule": str, "warmup_epochs": float, "augment": str}
 
 
 def read_hparams_file(path: str) -> dict:
