@@ -36,21 +36,20 @@ def ceiling(out, trainer_args, steps=300):
     import tensorflow as tf
 
     from trainer.model import build_model
+    from trainer.steps import make_train_function
 
     model = build_model(config)
     optimizer = keras.optimizers.Adam(config.learning_rate)
     optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
-    images = tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32))
-    labels = tf.constant(rng.integers(0, 10, batch_size), dtype=tf.int32)
+    batch = (tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32)),
+             tf.constant(rng.integers(0, 10, batch_size), dtype=tf.int32))
+    # The trainer's own multi-step train function, fed one in-memory batch over and over.
+    train_steps = make_train_function(tf.distribute.get_strategy(), model, optimizer, batch_size)
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
 
-    @tf.function
     def run(n):
-        for _ in tf.range(n):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, model(images, training=True)))
-            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
+        return train_steps(iterator, n)[0]
 
     run(tf.constant(20)).numpy()  # trace and warm up
     started = time.perf_counter()
@@ -65,10 +64,9 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
     """Checks the test accuracy `checks_per_epoch` times an epoch (at the end of the multi-step call that
     crosses each check point) until it reaches the target, then trains on to the end of the run; the
     checks' time is excluded from the training time."""
-    import keras
-
     from trainer.config import parse_config
-    from trainer.train import RunHooks, train_and_evaluate
+    from trainer.observers import Observer
+    from trainer.train import train_and_evaluate
 
     config = parse_config(trainer_args, os.environ)
     from trainer import data as data_lib
@@ -76,27 +74,29 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
     splits = data_lib.load_splits(config)
     test_images = splits.test[0].astype("float32")[..., None] / 255.0
 
-    class Target(keras.callbacks.Callback):
+    class Target(Observer):
         def __init__(self):
-            super().__init__()
             self.clock = AccuracyChecks(target, checks_per_epoch, self.test_accuracy)
+
+        def on_train_begin(self, model, initial_epoch):
+            self.model = model
 
         def test_accuracy(self):
             predictions = self.model.predict(test_images, batch_size=1000, verbose=0).argmax(axis=1)
             return (predictions == splits.test[1]).mean()
 
-        def on_epoch_begin(self, epoch, logs=None):
+        def on_epoch_begin(self, epoch):
             self.clock.begin_epoch(epoch)
 
-        def on_train_batch_end(self, batch, logs=None):
-            self.clock.after_steps(logs["steps_done"], logs["steps_per_epoch"])
+        def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
+            self.clock.after_steps(steps_done, steps_per_epoch)
 
-        def on_epoch_end(self, epoch, logs=None):
-            self.clock.end_epoch(logs["seconds"])
+        def on_epoch_end(self, epoch, row, timing):
+            self.clock.end_epoch(timing["seconds"])
 
-    callback = Target()
-    metrics = train_and_evaluate(config, splits=splits, hooks=RunHooks(callbacks=[callback]))
-    clock = callback.clock
+    target_observer = Target()
+    metrics = train_and_evaluate(config, splits=splits, observers=[target_observer])
+    clock = target_observer.clock
     with open(out, "w") as handle:
         json.dump(dict(**clock.result(), test_accuracy=metrics["test_accuracy"], train_seconds=clock.train_seconds,
                        epochs=metrics["epochs_completed"]), handle)

@@ -76,7 +76,8 @@ class TrainerHyperModel(kt.HyperModel):
         import tensorflow as tf
 
         from trainer.distribute import Resolved
-        from trainer.train import RunHooks, train_and_evaluate
+        from trainer.observers import KerasCallbacks
+        from trainer.train import train_and_evaluate
 
         # Hyperband continues an earlier trial: its weights are in `model`; run the remaining epochs.
         continued = "tuner/trial_id" in hp.values
@@ -84,6 +85,6 @@ class TrainerHyperModel(kt.HyperModel):
         config = self.trial_config(hp, epochs=max(1, run_epochs), trial_id=trial_id)
         resolved = Resolved(tf.distribute.get_strategy(), "default")  # one trial, one worker
         result = train_and_evaluate(config, splits=self.splits, resolved=resolved, log=self.log,
-                                    hooks=RunHooks(callbacks=list(callbacks), evaluate_and_export=False,
-                                                   initial_weights=model.get_weights() if continued else None))
+                                    observers=[KerasCallbacks(callbacks)], evaluate_and_export=False,
+                                    initial_weights=model.get_weights() if continued else None)
         return {"val_accuracy": result["val_accuracy"], "val_loss": result["val_loss"]}

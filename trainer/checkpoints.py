@@ -1,0 +1,106 @@
+"""Checkpoints and the rules of resuming: which settings a checkpoint must share, where a run resumes,
+end-of-epoch and mid-epoch saves, the per-epoch history beside them, and syncing a gs:// folder.
+
+The checkpoint folder holds TensorFlow checkpoints (`ckpt-N`, N the global step; the last two kept),
+`run_config.json` (the RESUME_KEYS settings of the run that made them) and `history.json` (one row per
+completed epoch). Every worker restores from the chief's folder (`Outputs.restore_dir`), so all resume
+from the same step; only the chief's saves land in the real folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+from trainer import export
+from trainer.config import RESUME_KEYS, Config
+from trainer.errors import TrainerError
+
+HISTORY_FILE = "history.json"
+RUN_CONFIG_FILE = "run_config.json"
+MAX_TO_KEEP = 2
+
+
+def resume_settings(config: Config) -> dict:
+    values = config.to_dict()
+    return {key: values[key] for key in RESUME_KEYS}
+
+
+def _json_load(path: str, default):
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return default
+
+
+class Checkpoints:
+    """Owns one run's checkpoint folder. `checkpoint` is a tf.train.Checkpoint holding at least the
+    tf.Variables `epoch` (epochs completed) and `step` (steps into the next epoch)."""
+
+    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int):
+        self.config, self.outputs, self.checkpoint = config, outputs, checkpoint
+        self.steps_per_epoch = steps_per_epoch
+        self.manager = None
+
+    def restore(self) -> List[dict]:
+        """Resume from the latest checkpoint when allowed and return the history up to it; refuse one made
+        with other settings; with --no-resume clear the folder. Call once, before any save."""
+        import tensorflow as tf
+
+        source = self.outputs.restore_dir
+        latest = tf.train.latest_checkpoint(source) if source and os.path.isdir(source) else None
+        if not self.config.resume and self.outputs.is_chief:
+            self.clear()
+        history = []
+        if latest:
+            self._refuse_other_settings(_json_load(os.path.join(source, RUN_CONFIG_FILE), {}))
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            history = _json_load(os.path.join(source, HISTORY_FILE), [])
+            history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
+        elif self.outputs.is_chief:
+            export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
+                                     resume_settings(self.config))
+            self.outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir, max_to_keep=MAX_TO_KEEP)
+        return history
+
+    def _refuse_other_settings(self, saved: dict) -> None:
+        wanted = resume_settings(self.config)
+        differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
+        if differ:
+            changes = ", ".join(f"{key} {saved[key]!r} -> {wanted[key]!r}" for key in differ)
+            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint of a run with other "
+                               f"settings ({changes}); pass --no-resume to start fresh or use another --job-dir")
+
+    def clear(self) -> None:
+        folder = self.outputs.checkpoint_dir
+        for name in os.listdir(folder):
+            if name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE):
+                os.remove(os.path.join(folder, name))
+
+    @property
+    def position(self) -> Tuple[int, int]:
+        """(epochs completed, steps into the next epoch) of the restored or last saved state."""
+        return int(self.checkpoint.epoch.numpy()), int(self.checkpoint.step.numpy())
+
+    @property
+    def latest(self) -> str:
+        return self.manager.latest_checkpoint if self.manager else None
+
+    def save_mid_epoch(self, epoch: int, step: int) -> str:
+        """After a stop signal inside an epoch: the exact step, to resume from it."""
+        self.checkpoint.epoch.assign(epoch)
+        self.checkpoint.step.assign(step)
+        saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
+        self.outputs.sync_checkpoints()
+        self.outputs.sync_logs()
+        return saved
+
+    def save_epoch(self, epoch: int, history: List[dict]) -> None:
+        """After epoch `epoch` (0-based) completed: the checkpoint, then history.json, then the gs:// sync."""
+        self.checkpoint.epoch.assign(epoch + 1)
+        self.checkpoint.step.assign(0)
+        self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)
+        export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
+        self.outputs.sync_checkpoints()

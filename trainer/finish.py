@@ -1,0 +1,70 @@
+"""The end of a run: the metrics.json dict, then plots, the TensorBoard image and the exported model."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Sequence
+
+import numpy as np
+
+from trainer import export
+from trainer.config import Config
+
+
+def weights_checksum(model) -> str:
+    """A short digest of every weight: equal on all workers of a synchronous run, printed at the end."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(np.asarray(weight.numpy(), dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def short_name(dataset: str) -> str:
+    """`idx:/usr/share/datasets/fashion-mnist` -> `fashion-mnist`, for plot titles."""
+    return os.path.basename(dataset[len("idx:"):].rstrip("/")) if dataset.startswith("idx:") else dataset
+
+
+def final_metrics(config: Config, resolved, splits, history: List[dict], test: Sequence[float],
+                  position: dict, train_seconds: float, examples_trained: int) -> dict:
+    """metrics.json: `test` is (test_loss, test_accuracy); `position` has epochs_completed, initial_epoch
+    and initial_step. Only the two timing keys differ between runs with the same seed and data on a CPU."""
+    import tensorflow as tf
+
+    test_loss, test_accuracy = test
+    return dict(
+        test_accuracy=test_accuracy, test_loss=test_loss,
+        validation_accuracy=history[-1]["val_accuracy"] if history else None,
+        validation_loss=history[-1]["val_loss"] if history else None,
+        epochs_completed=position["epochs_completed"], initial_epoch=position["initial_epoch"],
+        initial_step=position["initial_step"],
+        train_seconds=train_seconds,
+        train_examples_per_second=examples_trained / train_seconds if train_seconds else None,
+        num_replicas=resolved.num_replicas, strategy=resolved.name, dataset=splits.name,
+        num_examples=dict(train=len(splits.train[0]), validation=len(splits.validation[0]), test=len(splits.test[0])),
+        class_names=list(splits.class_names), history=history, config=config.to_dict(),
+        tensorflow_version=tf.__version__,
+    )
+
+
+def write_outputs(config: Config, outputs, model, splits, metrics: dict, predictions: dict, summaries, log) -> None:
+    """`predictions` holds the final model's classes for `validation` and `test`. Every worker exports
+    (saving may involve collectives); only the chief's model, plots and metrics.json land."""
+    val_images, val_labels = splits.validation
+    misclassified = export.misclassified_png(val_images, val_labels, predictions["validation"], splits.class_names)
+    summaries.image("misclassified", misclassified, step=config.epochs)
+    export.export_model(model, outputs.model_dir, splits.class_names)
+    if not outputs.is_chief:
+        return
+    outputs.publish_model()
+    pngs = export.curve_pngs(metrics["history"])
+    matrix = export.confusion_matrix(splits.test[1], predictions["test"])
+    pngs["confusion_matrix.png"] = export.confusion_png(
+        matrix, splits.class_names, f"{short_name(splits.name)} test set: accuracy {metrics['test_accuracy']:.4f}")
+    pngs["misclassified.png"] = misclassified
+    export.write_plots(outputs.plots_dir, pngs)
+    export.write_json_atomic(outputs.metrics_path, metrics)
+    outputs.publish_job_files()
+    log(f"wrote {outputs.shown('model_dir')}, metrics.json and plots/ in {outputs.shown('job_dir')}, "
+        f"logs in {outputs.shown('log_dir')}")

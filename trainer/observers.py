@@ -1,0 +1,214 @@
+"""Everything that reacts to the training loop, behind one protocol the loop calls without naming them.
+
+The loop calls, in this order: `on_train_begin(model, initial_epoch)`; per epoch `on_epoch_begin(epoch)`,
+then per multi-step call `clip_chunk` / `on_chunk_begin(global_step)` / `on_chunk_end(global_step)` /
+`on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)`, then `on_steps_end(epoch)` when the
+epoch's steps are over (complete or stopped), and `on_epoch_end(epoch, row, timing)` once the epoch is
+evaluated and saved; `on_train_end()` after the last epoch. Epochs are 0-based here, as in Keras.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable, List
+
+
+class Observer:
+    """No-op base: subclasses override what they need."""
+
+    def on_train_begin(self, model, initial_epoch: int) -> None: ...
+
+    def on_epoch_begin(self, epoch: int) -> None: ...
+
+    def clip_chunk(self, global_step: int, chunk: int) -> int:
+        return chunk
+
+    def on_chunk_begin(self, global_step: int) -> None: ...
+
+    def on_chunk_end(self, global_step: int) -> None: ...
+
+    def on_train_steps(self, epoch: int, steps_done: int, steps_per_epoch: int, mean_loss: float) -> None: ...
+
+    def on_steps_end(self, epoch: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int, row: dict, timing: dict) -> None: ...
+
+    def on_train_end(self) -> None: ...
+
+
+class Observers(Observer):
+    """Several observers called in order (a chunk is clipped by each in turn)."""
+
+    def __init__(self, observers: Iterable[Observer]):
+        self.observers: List[Observer] = [observer for observer in observers if observer is not None]
+
+    def clip_chunk(self, global_step: int, chunk: int) -> int:
+        for observer in self.observers:
+            chunk = observer.clip_chunk(global_step, chunk)
+        return chunk
+
+
+def _fan_out(name: str):
+    def call(self, *args):
+        for observer in self.observers:
+            getattr(observer, name)(*args)
+    call.__name__ = name
+    return call
+
+
+for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_train_steps",
+              "on_steps_end", "on_epoch_end", "on_train_end"):
+    setattr(Observers, _name, _fan_out(_name))
+
+
+def epoch_line(row: dict, timing: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  accuracy {row['accuracy']:.4f}  "
+            f"val_loss {row['val_loss']:.4f}  val_accuracy {row['val_accuracy']:.4f}  "
+            f"{timing['examples_per_second']:,.0f} examples/s  {timing['seconds']:.1f} s")
+
+
+class Console(Observer):
+    """The epoch line once an epoch is saved, and a one-line progress bar while it trains (only when
+    stdout is a terminal; erased before the epoch line)."""
+
+    def __init__(self, epochs: int, log=print, width: int = 30):
+        self.epochs, self.log, self.width = epochs, log, width
+        self.enabled = sys.stdout.isatty()
+
+    def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
+        if self.enabled:
+            filled = int(self.width * steps_done / max(steps_per_epoch, 1))
+            sys.stdout.write(f"\repoch {epoch + 1}/{self.epochs} [{'=' * filled}{'.' * (self.width - filled)}] "
+                             f"{steps_done}/{steps_per_epoch} loss {mean_loss:.4f}")
+            sys.stdout.flush()
+
+    def on_steps_end(self, epoch):
+        if self.enabled:
+            sys.stdout.write("\r" + " " * 80 + "\r")
+            sys.stdout.flush()
+
+    def on_epoch_end(self, epoch, row, timing):
+        self.log(epoch_line(row, timing, self.epochs))
+
+
+class Summaries(Observer):
+    """TensorBoard: run folders `train` and `validation`; scalars `epoch_loss`, `epoch_accuracy`,
+    `epoch_learning_rate`, `epoch_examples_per_second` per epoch, the settings as text `config`, and
+    (from the end of the run) the image `misclassified`. `sync` uploads a staged gs:// log dir."""
+
+    def __init__(self, log_dir: str, config_dict: dict, sync=lambda: None):
+        import tensorflow as tf
+
+        self.config_dict, self.sync = config_dict, sync
+        self.train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
+        self.validation = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+
+    def on_train_begin(self, model, initial_epoch):
+        import tensorflow as tf
+
+        table = "\n".join(f"| {key} | {value} |" for key, value in sorted(self.config_dict.items()))
+        with self.train.as_default():
+            tf.summary.text("config", "| setting | value |\n|---|---|\n" + table, step=initial_epoch)
+
+    def on_epoch_end(self, epoch, row, timing):
+        import tensorflow as tf
+
+        with self.train.as_default():
+            for tag, value in (("epoch_loss", row["loss"]), ("epoch_accuracy", row["accuracy"]),
+                               ("epoch_learning_rate", row["learning_rate"]),
+                               ("epoch_examples_per_second", timing["examples_per_second"])):
+                tf.summary.scalar(tag, value, step=epoch + 1)
+        with self.validation.as_default():
+            tf.summary.scalar("epoch_loss", row["val_loss"], step=epoch + 1)
+            tf.summary.scalar("epoch_accuracy", row["val_accuracy"], step=epoch + 1)
+        self.train.flush()
+        self.validation.flush()
+        self.sync()  # live progress in (Vertex) TensorBoard reading a gs:// log dir
+
+    def image(self, tag: str, png: bytes, step: int) -> None:
+        import tensorflow as tf
+
+        with self.validation.as_default():
+            tf.summary.image(tag, tf.image.decode_png(png)[tf.newaxis], step=step)
+        self.validation.flush()
+        self.sync()
+
+
+class Hypertune(Observer):
+    """Reports val_accuracy every epoch through cloudml-hypertune (Vertex AI's tuning service). One
+    instance per run: version 0.1.0.dev6 rewrites its whole file from memory on every report."""
+
+    def __init__(self):
+        from trainer.errors import TrainerError
+
+        try:
+            import hypertune
+        except ModuleNotFoundError:
+            raise TrainerError("--hypertune (or CLOUD_ML_HP_METRIC_FILE) needs cloudml-hypertune: "
+                               "pip install 'mnist-trainer[cloud]'") from None
+        self.reporter = hypertune.HyperTune()
+
+    def on_epoch_end(self, epoch, row, timing):
+        self.reporter.report_hyperparameter_tuning_metric(
+            hyperparameter_metric_tag="val_accuracy", metric_value=row["val_accuracy"], global_step=epoch + 1)
+
+
+class KerasCallbacks(Observer):
+    """Keras callbacks driven as `fit` would (KerasTuner relies on set_model and on_epoch_end with
+    `val_accuracy`): on_train_batch_end after each multi-step call with logs `steps_done` and
+    `steps_per_epoch`; on_epoch_end with the history row plus `seconds` of training."""
+
+    def __init__(self, callbacks):
+        self.callbacks = list(callbacks)
+
+    def on_train_begin(self, model, initial_epoch):
+        for callback in self.callbacks:
+            callback.set_model(model)
+            callback.on_train_begin()
+
+    def on_epoch_begin(self, epoch):
+        for callback in self.callbacks:
+            callback.on_epoch_begin(epoch)
+
+    def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
+        for callback in self.callbacks:
+            callback.on_train_batch_end(steps_done - 1, logs=dict(steps_done=steps_done, steps_per_epoch=steps_per_epoch))
+
+    def on_epoch_end(self, epoch, row, timing):
+        for callback in self.callbacks:
+            callback.on_epoch_end(epoch, logs={**row, "seconds": timing["seconds"]})
+
+    def on_train_end(self):
+        for callback in self.callbacks:
+            callback.on_train_end()
+
+
+class Profiler(Observer):
+    """--profile-steps START,END: a TensorFlow profile of those (1-based, global) steps in the log dir."""
+
+    def __init__(self, steps, log_dir: str):
+        self.steps, self.log_dir, self.running = steps, log_dir, False
+
+    def clip_chunk(self, global_step, chunk):
+        """Shorten a multi-step call so that the profile starts and stops exactly at START and END."""
+        for boundary in (self.steps or ()):
+            edge = boundary - 1 if boundary == self.steps[0] else boundary
+            if global_step < edge < global_step + chunk:
+                chunk = edge - global_step
+        return chunk
+
+    def on_chunk_begin(self, global_step):
+        if self.steps and not self.running and self.steps[0] <= global_step + 1 <= self.steps[1]:
+            import tensorflow as tf
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def on_chunk_end(self, global_step):
+        if self.running and global_step >= self.steps[1]:
+            import tensorflow as tf
+            tf.profiler.experimental.stop()
+            self.running = False
+
+    def on_train_end(self):
+        self.on_chunk_end(float("inf"))  # END beyond the last step: stop with the training

@@ -1,0 +1,175 @@
+"""Training state and step functions: what runs on the devices, and one epoch's loop of multi-step calls.
+
+`build_state` makes the model, optimizer and checkpointed counters inside the strategy's scope;
+`make_train_function` returns the distributed multi-step train function (a custom step with
+`strategy.run` and `tf.nn.compute_average_loss`, because Keras 3 `fit` is broken under
+MultiWorkerMirroredStrategy; the same step serves every strategy); `run_epoch` drives it over one
+epoch in chunks of `steps_per_execution` steps, telling the observers after each chunk and checking
+the stop signal between chunks. `bench/` reuses these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional
+
+import numpy as np
+
+from trainer import data as data_lib
+from trainer.config import Config
+
+EVAL_BATCH_SIZE = 1000
+# Keras clips probabilities to [1e-7, 1], so an honest cross-entropy never exceeds -ln(1e-7) = 16.1 per
+# example: a mean above this means the arithmetic has broken down (the run has diverged).
+DIVERGED_LOSS = 100.0
+
+
+@dataclasses.dataclass
+class TrainState:
+    model: object
+    optimizer: object
+    epoch: object  # tf.Variable: epochs completed
+    step: object  # tf.Variable: steps completed in the current epoch (non-zero only after a mid-epoch stop)
+    checkpoint: object  # tf.train.Checkpoint of all the above
+
+
+def learning_rate_schedule(config: Config, steps_per_epoch: int):
+    """A constant rate, or linear warm-up then cosine decay to zero over the whole run (per step)."""
+    if config.lr_schedule == "constant" and not config.warmup_epochs:
+        return config.learning_rate
+    import keras
+
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    if config.lr_schedule == "constant":
+        return keras.optimizers.schedules.PiecewiseConstantDecay([warmup], [config.learning_rate / 10,
+                                                                            config.learning_rate])
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10 if warmup else config.learning_rate,
+        decay_steps=max(1, total - warmup), alpha=0.0,
+        warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
+                initial_weights: Optional[list] = None) -> TrainState:
+    """Model, optimizer and counters, seeded and built inside the strategy's scope."""
+    import keras
+    import tensorflow as tf
+
+    from trainer.model import batch_norm_momentum, build_model
+
+    keras.utils.set_random_seed(config.seed)
+    with strategy.scope():
+        model = build_model(config, batch_norm_momentum(steps_per_epoch))
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
+        if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        # Built inside the scope before the first step: otherwise a Keras 3 optimizer under a 2-replica
+        # MirroredStrategy fails its first step ("You must feed a value for placeholder tensor").
+        optimizer.build(model.trainable_variables)
+        if initial_weights is not None:
+            model.set_weights(initial_weights)
+        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, step=step)
+    return TrainState(model, optimizer, epoch, step, checkpoint)
+
+
+def make_train_function(strategy, model, optimizer, global_batch_size: int):
+    """`train_steps(iterator, num_steps)` -> (sum of per-example losses, number correct) over the steps."""
+    import keras
+    import tensorflow as tf
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
+            scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
+        return tf.reduce_sum(per_example), tf.reduce_sum(correct)
+
+    @tf.function
+    def train_steps(iterator, num_steps):
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(num_steps):
+            per_replica_loss, per_replica_correct = strategy.run(replica_step, args=next(iterator))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
+            correct += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_correct, axis=None)
+        return loss_sum, correct
+
+    return train_steps
+
+
+def make_predict_function(model):
+    """float32 probabilities for float images [N, 28, 28, 1], inference mode."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False)
+    def predict(images):
+        return tf.cast(model(images, training=False), tf.float32)
+
+    return predict
+
+
+def evaluate(predict, images: np.ndarray, labels: np.ndarray):
+    """(loss, accuracy, predicted classes) over every example, computed locally and exactly."""
+    probabilities = np.concatenate([predict(batch).numpy() for batch, _ in
+                                    data_lib.eval_dataset(images, labels, EVAL_BATCH_SIZE)])
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    predictions = probabilities.argmax(axis=-1)
+    return float(-np.log(picked).mean()), float((predictions == labels).mean()), predictions
+
+
+class Diverged(Exception):
+    """A NaN, infinite or impossibly large mean loss: the weights are lost."""
+
+    def __init__(self, what: str, value: float, where: str):
+        super().__init__(f"{what} {value:.4g} at {where}")
+        self.what, self.value, self.where = what, value, where
+
+
+def check_loss(value: float, what: str, where: str) -> None:
+    if not (math.isfinite(value) and value <= DIVERGED_LOSS):
+        raise Diverged(what, value, where)
+
+
+@dataclasses.dataclass
+class EpochResult:
+    first_step: int  # where the epoch started (non-zero when resuming mid-epoch)
+    steps_done: int  # where it ended: steps_per_epoch, or earlier when stopped
+    loss_sum: float
+    correct: float
+    seconds: float
+    stopped: bool
+
+    def examples(self, global_batch_size: int) -> int:
+        return (self.steps_done - self.first_step) * global_batch_size
+
+
+def run_epoch(train_steps, iterator, epoch: int, first_step: int, steps_per_epoch: int, steps_per_call: int,
+              global_batch_size: int, observers, stop) -> EpochResult:
+    """Train one epoch (from `first_step`) in calls of up to `steps_per_call` steps; after each call the
+    observers hear of it and the stop signal is checked (and voted on across workers). Raises Diverged."""
+    import tensorflow as tf
+
+    done, loss_sum, correct, stopped = first_step, 0.0, 0.0, False
+    started = time.perf_counter()
+    while done < steps_per_epoch:
+        global_step = epoch * steps_per_epoch + done
+        chunk = observers.clip_chunk(global_step, min(steps_per_call, steps_per_epoch - done))
+        observers.on_chunk_begin(global_step)
+        chunk_loss, chunk_correct = train_steps(iterator, tf.constant(chunk))
+        observers.on_chunk_end(global_step + chunk)
+        check_loss(float(chunk_loss) / (chunk * global_batch_size), "training loss",
+                   f"epoch {epoch + 1}, steps {done + 1}-{done + chunk} of {steps_per_epoch}")
+        loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
+        observers.on_train_steps(epoch, done, steps_per_epoch, loss_sum / ((done - first_step) * global_batch_size))
+        stopped = stop.should_stop()
+        if stopped:
+            break
+    return EpochResult(first_step, done, loss_sum, correct, time.perf_counter() - started, stopped)
