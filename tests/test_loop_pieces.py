@@ -1,0 +1,194 @@
+"""Each piece of the training loop on its own, in seconds and without a full training run: the train
+function, one epoch's loop with a stop signal, the checkpointing rules, the TensorBoard observer, the
+metrics.json builder, and the package's shape (short functions, no import cycles). Real TensorFlow, real
+digits, real checkpoints and event files throughout."""
+
+import ast
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT_DIR
+
+DOCUMENTED_METRICS = ("test_accuracy", "test_loss", "validation_accuracy", "validation_loss", "epochs_completed",
+                      "initial_epoch", "initial_step", "train_seconds", "train_examples_per_second", "num_replicas",
+                      "strategy", "dataset", "num_examples", "class_names", "history", "config", "tensorflow_version")
+
+
+@pytest.fixture(scope="module")
+def tiny(digits, tmp_path_factory):
+    """A small seed-style network, its optimizer and the trainer's train function, on 64 real digits."""
+    import tensorflow as tf
+
+    from trainer import steps
+    from trainer.config import Config
+
+    config = Config(job_dir=str(tmp_path_factory.mktemp("tiny")), preset="seed", filters=(8,), dense_units=16,
+                    batch_size=32, learning_rate=5e-3, dropout=0.0)
+    strategy = tf.distribute.get_strategy()
+    state = steps.build_state(config, strategy, "float32", steps_per_epoch=10)
+    images, labels = digits
+    batch = (tf.constant(images[:32, ..., None] / 255.0, tf.float32), tf.constant(labels[:32], tf.int32))
+    train_steps = steps.make_train_function(strategy, state.model, state.optimizer, config.batch_size)
+    return config, state, train_steps, iter(tf.data.Dataset.from_tensors(batch).repeat())
+
+
+def test_the_train_function_lowers_the_loss(tiny):
+    import tensorflow as tf
+
+    config, _, train_steps, iterator = tiny
+    first = float(train_steps(iterator, tf.constant(1))[0]) / config.batch_size
+    train_steps(iterator, tf.constant(40))
+    loss, correct = (float(v) for v in train_steps(iterator, tf.constant(1)))
+    assert loss / config.batch_size < first / 2, (first, loss / config.batch_size)
+    assert correct >= 0.8 * config.batch_size
+
+
+def test_run_epoch_stops_after_the_call_in_which_the_signal_came(tiny):
+    from trainer import steps
+    from trainer.observers import Observer, Observers
+    from trainer.stopping import StopSignal
+
+    config, _, train_steps, iterator = tiny
+    stop, seen = StopSignal(), []
+
+    class SignalAfterSecondCall(Observer):
+        def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
+            seen.append(steps_done)
+            if len(seen) == 2:
+                stop.request(143)
+
+    result = steps.run_epoch(train_steps, iterator, epoch=0, first_step=0, steps_per_epoch=10, steps_per_call=3,
+                             global_batch_size=config.batch_size, observers=Observers([SignalAfterSecondCall()]),
+                             stop=stop)
+    assert result.stopped and result.steps_done == 6 and seen == [3, 6]
+    assert result.examples(config.batch_size) == 6 * config.batch_size and result.loss_sum > 0
+    assert stop.reason == "SIGTERM"
+
+
+def test_a_diverged_loss_is_raised_not_trained_on():
+    from trainer import steps
+
+    steps.check_loss(16.0, "training loss", "epoch 1")
+    for value in (float("nan"), float("inf"), 1e30):
+        with pytest.raises(steps.Diverged, match="training loss .* at epoch 1, steps 1-20 of 40"):
+            steps.check_loss(value, "training loss", "epoch 1, steps 1-20 of 40")
+
+
+def _checkpoints(job_dir, **settings):
+    import tensorflow as tf
+
+    from trainer.checkpoints import Checkpoints
+    from trainer.config import Config
+    from trainer.outputs import prepare_outputs
+
+    config = Config(job_dir=job_dir, preset="seed", dataset="idx:/data", **settings)
+    outputs = prepare_outputs(config)
+    counters = tf.train.Checkpoint(epoch=tf.Variable(0, dtype=tf.int64), step=tf.Variable(0, dtype=tf.int64))
+    return Checkpoints(config, outputs, counters, steps_per_epoch=5), outputs
+
+
+def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tmp_path):
+    from trainer.errors import TrainerError
+
+    job_dir = str(tmp_path / "job")
+    checkpoints, outputs = _checkpoints(job_dir)
+    try:
+        assert checkpoints.restore() == [] and checkpoints.position == (0, 0)
+        history = [dict(epoch=1, val_accuracy=0.5), dict(epoch=2, val_accuracy=0.6)]
+        checkpoints.save_epoch(1, history)  # epoch index 1 done: two epochs completed
+        # history.json says three epochs, as after a crash between the history write and the next save
+        with open(os.path.join(job_dir, "checkpoints", "history.json"), "w") as handle:
+            json.dump(history + [dict(epoch=3, val_accuracy=0.7)], handle)
+    finally:
+        outputs.close()
+
+    checkpoints, outputs = _checkpoints(job_dir)
+    try:
+        assert checkpoints.restore() == history and checkpoints.position == (2, 0)
+    finally:
+        outputs.close()
+
+    checkpoints, outputs = _checkpoints(job_dir, dropout=0.3)
+    try:
+        with pytest.raises(TrainerError, match=r"holds a checkpoint of a run with other settings \(dropout 0.5 -> 0.3\)"):
+            checkpoints.restore()
+    finally:
+        outputs.close()
+    assert sorted(os.listdir(os.path.join(job_dir, "checkpoints")))[:2] == ["checkpoint", "ckpt-10.data-00000-of-00001"]
+
+
+def test_the_summaries_observer_writes_the_documented_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainer import export
+    from trainer.observers import Summaries
+
+    summaries = Summaries(str(tmp_path), {"epochs": 2, "dataset": "mnist"})
+    summaries.on_train_begin(None, 0)
+    for epoch in range(2):
+        row = dict(epoch=epoch + 1, loss=1.0 / (epoch + 1), accuracy=0.5 + epoch / 10, val_loss=1.2, val_accuracy=0.6,
+                   learning_rate=1e-3)
+        summaries.on_epoch_end(epoch, row, dict(examples_per_second=1000.0, seconds=1.0))
+    png = export.misclassified_png(np.zeros((2, 28, 28), np.uint8), np.array([1, 2]), np.array([2, 1]), list("0123456789"))
+    summaries.image("misclassified", png, step=2)
+
+    train = EventAccumulator(str(tmp_path / "train")).Reload()
+    validation = EventAccumulator(str(tmp_path / "validation")).Reload()
+    assert set(train.Tags()["tensors"]) == {"epoch_loss", "epoch_accuracy", "epoch_learning_rate",
+                                             "epoch_examples_per_second", "config"}
+    assert set(validation.Tags()["tensors"]) == {"epoch_loss", "epoch_accuracy", "misclassified"}
+    import tensorflow as tf
+
+    losses = [(event.step, float(tf.make_ndarray(event.tensor_proto))) for event in train.Tensors("epoch_loss")]
+    assert losses == [(1, 1.0), (2, 0.5)]
+    assert b"| dataset | mnist |" in tf.make_ndarray(train.Tensors("config")[0].tensor_proto).item()
+
+
+def test_final_metrics_has_every_documented_key(tmp_path):
+    import tensorflow as tf
+
+    from trainer.config import Config
+    from trainer.data import Splits
+    from trainer.distribute import Resolved
+    from trainer.finish import final_metrics
+
+    arrays = (np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64))
+    splits = Splits("mnist", tuple("0123456789"), arrays, arrays, arrays)
+    history = [dict(epoch=1, val_accuracy=0.9, val_loss=0.3)]
+    metrics = final_metrics(Config(job_dir=str(tmp_path)), Resolved(tf.distribute.get_strategy(), "default"), splits,
+                            history, (0.25, 0.91), dict(epochs_completed=1, initial_epoch=0, initial_step=0),
+                            train_seconds=2.0, examples_trained=1000)
+    assert set(DOCUMENTED_METRICS) <= set(metrics)
+    assert metrics["train_examples_per_second"] == 500.0 and metrics["validation_accuracy"] == 0.9
+    assert metrics["strategy"] == "default" and metrics["num_replicas"] == 1
+    json.dumps(metrics)  # all of it goes into metrics.json
+
+
+def test_trainer_functions_are_short_and_modules_import_no_cycle():
+    """No function in trainer/ over 60 lines (argparse parser tables aside); trainer modules import one
+    way (a cycle would show as a module reachable from itself)."""
+    imports = {}
+    for path in sorted(glob.glob(os.path.join(ROOT_DIR, "trainer", "*.py"))):
+        module = os.path.basename(path)[:-3]
+        tree = ast.parse(open(path).read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
+                assert node.end_lineno - node.lineno + 1 <= 60, f"{module}.{node.name} is over 60 lines"
+        imports[module] = {alias.name if node.module == "trainer" else node.module.split(".")[1]
+                           for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+                           and node.module.startswith("trainer") for alias in node.names}
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in imports.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    assert [module for module in imports if module in reachable(module)] == []
