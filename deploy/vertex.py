@@ -27,6 +27,8 @@ import tempfile
 from typing import List, Optional, Sequence
 
 from trainer.errors import TrainerError
+from tuning.space import dropout_range
+from tuning.task import gcs_mount
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parallel-trials", type=int, default=3, help="tune --service vertex")
     parser.add_argument("--filter-choices", default="16,32;32,64;64,128",
                         help="tune --service vertex: --filters values, separated by ';'")
-    parser.add_argument("--dropout-range", default="0.1:0.6", help="tune --service vertex: MIN:MAX")
+    parser.add_argument("--dropout-range", type=dropout_range, default="0.1:0.6",
+                        help="tune --service vertex: MIN:MAX (continuous) or MIN:MAX:STEP (the rates on that grid)")
     parser.add_argument("--dry-run", action="store_true", help="print the request body as JSON and exit")
     return parser
 
@@ -106,13 +109,6 @@ def parse(argv: Optional[Sequence[str]]):
                      "service account (one with roles/aiplatform.user and storage access)")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.command == "tune" and args.service == "vertex":
-        try:
-            low, high = (float(v) for v in args.dropout_range.split(":"))
-        except ValueError:
-            parser.error(f"--dropout-range: expected MIN:MAX, got {args.dropout_range!r}")
-        if not 0 <= low < high < 1:
-            parser.error(f"--dropout-range: need 0 <= MIN < MAX < 1, got {args.dropout_range}")
     return args, passthrough
 
 
@@ -158,11 +154,6 @@ def worker_pools(args, module: str, module_args: List[str], package_uri: Optiona
     return pools
 
 
-def gcs_fuse_path(url: str) -> str:
-    """Vertex AI mounts Cloud Storage at /gcs/BUCKET/...: the shared folder a KerasTuner search needs."""
-    return "/gcs/" + url[len("gs://"):]
-
-
 def build_job(args, passthrough: List[str], package_uri: Optional[str]):
     """The CustomJob or HyperparameterTuningJob message for these arguments."""
     from google.cloud import aiplatform_v1 as vertex
@@ -170,7 +161,7 @@ def build_job(args, passthrough: List[str], package_uri: Optional[str]):
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = args.display_name or f"mnist-{args.command}-{args.target}-{stamp}"
     if args.command == "tune" and args.service == "keras-tuner":
-        module, module_args = "tuning.task", ["--job-dir", gcs_fuse_path(args.job_dir.rstrip("/") + "/search"),
+        module, module_args = "tuning.task", ["--job-dir", gcs_mount(args.job_dir.rstrip("/") + "/search"),
                                               *passthrough]
     else:
         module, module_args = "trainer.task", list(passthrough)
@@ -184,16 +175,17 @@ def build_job(args, passthrough: List[str], package_uri: Optional[str]):
         spec.tensorboard = args.tensorboard
     if args.command == "train" or args.service == "keras-tuner":
         return vertex.CustomJob(display_name=name, job_spec=spec)
-    low, high = (float(v) for v in args.dropout_range.split(":"))
+    dropout = args.dropout_range
+    Spec = vertex.StudySpec.ParameterSpec
+    if dropout.step:
+        dropout_values = dict(discrete_value_spec=Spec.DiscreteValueSpec(values=list(dropout.grid())))
+    else:
+        dropout_values = dict(double_value_spec=Spec.DoubleValueSpec(min_value=dropout.low, max_value=dropout.high),
+                              scale_type=Spec.ScaleType.UNIT_LINEAR_SCALE)
     parameters = [
-        vertex.StudySpec.ParameterSpec(
-            parameter_id="filters",
-            categorical_value_spec=vertex.StudySpec.ParameterSpec.CategoricalValueSpec(
-                values=[choice.strip() for choice in args.filter_choices.split(";")])),
-        vertex.StudySpec.ParameterSpec(
-            parameter_id="dropout",
-            double_value_spec=vertex.StudySpec.ParameterSpec.DoubleValueSpec(min_value=low, max_value=high),
-            scale_type=vertex.StudySpec.ParameterSpec.ScaleType.UNIT_LINEAR_SCALE),
+        Spec(parameter_id="filters", categorical_value_spec=Spec.CategoricalValueSpec(
+            values=[choice.strip() for choice in args.filter_choices.split(";")])),
+        Spec(parameter_id="dropout", **dropout_values),
     ]
     study = vertex.StudySpec(metrics=[vertex.StudySpec.MetricSpec(
         metric_id="val_accuracy", goal=vertex.StudySpec.MetricSpec.GoalType.MAXIMIZE)], parameters=parameters)

@@ -103,6 +103,18 @@ def test_vertex_tuning_job_searches_filters_and_dropout_on_val_accuracy():
         trainer_parses(args + [f"--filters={filters}", f"--dropout={params['dropout'].double_value_spec.max_value}"])
 
 
+def test_vertex_tuning_dropout_range_takes_a_step_and_shares_tuning_tasks_messages():
+    from google.cloud.aiplatform_v1 import HyperparameterTuningJob
+
+    code, out, err = vertex(["tune", "--service", "vertex", "--image", "img:cpu", "--dropout-range", "0.1:0.5:0.1",
+                             *COMMON])
+    assert code == 0, err
+    dropout = {p.parameter_id: p for p in HyperparameterTuningJob.from_json(out).study_spec.parameters}["dropout"]
+    assert list(dropout.discrete_value_spec.values) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    code, _, err = vertex(["tune", "--service", "vertex", "--image", "img:cpu", "--dropout-range", "0.6:0.1", *COMMON])
+    assert code == 2 and "argument --dropout-range: MIN 0.6 is above MAX 0.1" in err  # as tuning.task says it
+
+
 def test_keras_tuner_search_is_one_custom_job_chief_plus_workers():
     from google.cloud.aiplatform_v1 import CustomJob
 
