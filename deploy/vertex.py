@@ -5,28 +5,36 @@
     python -m deploy.vertex tune --service vertex --max-trials 12 --parallel-trials 3 ... -- --epochs 5
     python -m deploy.vertex tune --service keras-tuner --workers 3 ... -- --max-trials 12 --epochs 3
 
-Code ships as the project's image (`--image`, a ContainerSpec) or as a Python package (`--package`: the
-sdist built from setup.py is uploaded to --staging-bucket and run with `python_module` on an executor
+Code ships as the project's image (--image, a ContainerSpec) or as a Python package (--package: the
+sdist built from setup.py is uploaded to --staging-bucket and run with python_module on an executor
 image, by default the project's own image: Vertex AI's prebuilt TensorFlow images stop at 2.17).
-`--job-dir` becomes the job's base_output_directory, so AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and
-AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after `--` go to the trainer (or to
-tuning.task). `--dry-run` prints the exact request body as JSON and needs no credentials or network.
-Exit codes: 0, 2 (command line), 1 (credentials, upload, API).
+--job-dir becomes the job's base_output_directory, so AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and
+AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after -- go to python -m trainer.task (or
+tuning.task for a KerasTuner search) and are checked by that module's own parser before anything is
+printed or submitted. A tpu-* job adds --augment none unless the flags choose an augmentation (or
+--preset seed): the trainer refuses random shifts on a TPU. --dry-run prints the request body as JSON,
+only the fields it sets, and needs no credentials or network.
+Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
+import io
 import os
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
+from trainer import __version__
 from trainer.errors import TrainerError
+from tuning.space import dropout_range
+from tuning.task import gcs_mount
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +48,14 @@ class Target:
     variant: str = "cpu"  # which image build: cpu, gpu or tpu
     workers: int = 0  # extra pool of workers (multi-worker)
 
+    @property
+    def summary(self) -> str:
+        machine = f"{self.workers + 1} x " if self.workers else ""
+        machine += self.machine_type
+        if self.accelerator_count:
+            machine += f" + {self.accelerator_count} {self.accelerator_type}"
+        return machine + (f" {self.tpu_topology}" if self.tpu_topology else "")
+
 
 TARGETS = {
     "cpu": Target("n1-standard-8"),
@@ -49,45 +65,161 @@ TARGETS = {
     "tpu-v5e": Target("ct5lp-hightpu-4t", "TPU_V5_LITEPOD", 4, "2x2", variant="tpu"),
     "tpu-v3": Target("cloud-tpu", "TPU_V3", 8, variant="tpu"),  # legacy TPU VM pool
 }
+GPU_COUNTS = (1, 2, 4)  # NVIDIA T4s a Vertex AI machine takes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy.vertex", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=("train", "tune"))
-    parser.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
-                        help="Google Cloud project (default: GOOGLE_CLOUD_PROJECT)")
-    parser.add_argument("--region", default="us-central1")
-    parser.add_argument("--target", choices=sorted(TARGETS), default="cpu")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="replicas in pool 1 (multi-worker training, keras-tuner workers)")
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, when it has one worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_common_flags(parser: argparse.ArgumentParser, workers_help: str) -> None:
+    parser.add_argument("--project", default=None, help="Google Cloud project (default: $GOOGLE_CLOUD_PROJECT)")
+    parser.add_argument("--region", default="us-central1", help="Vertex AI region")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="cpu",
+                        help="machine kind: " + "; ".join(f"{name}: {target.summary}" for name, target in
+                                                          TARGETS.items()))
+    parser.add_argument("--workers", type=int, default=None, help=workers_help)
     parser.add_argument("--machine-type", default=None, help="override the target's machine type")
-    parser.add_argument("--accelerator-count", type=int, default=None, help="override the target's count")
+    parser.add_argument("--accelerator-count", type=int, default=None,
+                        help="GPUs per machine on gpu targets (1, 2 or 4 T4s); not for cpu or multi-worker, "
+                             "fixed by the machine type on tpu targets")
     code = parser.add_mutually_exclusive_group(required=True)
     code.add_argument("--image", help="the project's image (ContainerSpec), e.g. REGION-docker.pkg.dev/P/R/trainer:gpu")
     code.add_argument("--package", action="store_true", help="ship the sdist of setup.py (PythonPackageSpec)")
     parser.add_argument("--executor-image", default=None,
                         help="with --package: the image that runs it (default: the project's image in Artifact "
-                             "Registry, REGION-docker.pkg.dev/PROJECT/mnist-trainer/trainer:VARIANT)")
+                             f"Registry, REGION-docker.pkg.dev/PROJECT/mnist-trainer/trainer:VARIANT-{__version__}, "
+                             "VARIANT cpu, gpu or tpu after --target)")
     parser.add_argument("--staging-bucket", default=None, help="with --package: gs:// folder for the sdist")
     parser.add_argument("--job-dir", required=True, help="gs:// folder: the job's base_output_directory")
-    parser.add_argument("--display-name", default=None)
-    parser.add_argument("--service-account", default=None)
+    parser.add_argument("--display-name", default=None, help="default: mnist-COMMAND-TARGET-<UTC timestamp>")
+    parser.add_argument("--service-account", default=None, help="the service account the job runs as")
     parser.add_argument("--tensorboard", default=None,
                         help="Vertex AI TensorBoard resource (projects/P/locations/R/tensorboards/ID); "
                              "needs --service-account")
-    parser.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
-                        help="tune: Vertex AI's tuning service, or a KerasTuner search as one custom job")
-    parser.add_argument("--max-trials", type=int, default=12, help="tune --service vertex")
-    parser.add_argument("--parallel-trials", type=int, default=3, help="tune --service vertex")
-    parser.add_argument("--filter-choices", default="16,32;32,64;64,128",
-                        help="tune --service vertex: --filters values, separated by ';'")
-    parser.add_argument("--dropout-range", default="0.1:0.6", help="tune --service vertex: MIN:MAX")
-    parser.add_argument("--dry-run", action="store_true", help="print the request body as JSON and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the request body as JSON (only the fields it sets) and exit; no credentials "
+                             "or network needed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy.vertex", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,tune}")
+    train = commands.add_parser(
+        "train", help="train once: a CustomJob running python -m trainer.task", formatter_class=HelpFormatter,
+        description="Submit one training run to Vertex AI as a CustomJob. Flags after -- go to "
+                    "python -m trainer.task and are checked by its parser first.")
+    _add_common_flags(train, "with --target multi-worker: replicas in pool 1, beside the chief (default: 2)")
+    tune = commands.add_parser(
+        "tune", help="search hyperparameters: Vertex AI's tuning service, or a KerasTuner search as one CustomJob",
+        formatter_class=HelpFormatter,
+        description="Submit a hyperparameter search. --service vertex: a HyperparameterTuningJob whose trials "
+                    "run python -m trainer.task (flags after -- go to it). --service keras-tuner: one CustomJob "
+                    "running python -m tuning.task on a chief and --workers workers (flags after -- go to it). "
+                    "Either way the flags after -- are checked by that module's parser first.")
+    _add_common_flags(tune, "--service keras-tuner: tuner workers in pool 1 (default: 2); --service vertex: as "
+                            "for train, per trial")
+    tune.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
+                      help="Vertex AI's tuning service, or a KerasTuner search as one custom job")
+    tune.add_argument("--max-trials", type=int, default=12, help="--service vertex: trials in all")
+    tune.add_argument("--parallel-trials", type=int, default=3, help="--service vertex: trials at a time")
+    tune.add_argument("--filter-choices", default="16,32;32,64;64,128",
+                      help="--service vertex: --filters values, separated by ';'")
+    tune.add_argument("--dropout-range", type=dropout_range, default="0.1:0.6",
+                      help="--service vertex: MIN:MAX (continuous) or MIN:MAX:STEP (the rates on that grid)")
+    parser.commands = {"train": train, "tune": tune}
     return parser
 
 
-def parse(argv: Optional[Sequence[str]]):
+def _argparse_refusal(parse, argv: List[str]) -> Optional[str]:
+    """Call an argparse-based `parse(argv)` quietly; the message it refuses argv with (its exit 2), or None."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+            parse(argv)
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help or similar: the job would print it and stop
+            return "a job that only prints help; run the module with --help here instead"
+        lines = captured.getvalue().strip().splitlines() or [f"exit code {exit_.code}"]
+        return lines[-1].split(": error: ", 1)[-1]
+    return None
+
+
+def _without_option(argv: List[str], option: str) -> List[str]:
+    """argv without `option` (spelled out, abbreviated or with =VALUE) and its value."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif len(name) > 3 and name.startswith("--") and option.startswith(name):
+            skip = "=" not in token
+        else:
+            kept.append(token)
+    return kept
+
+
+def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[str]) -> List[str]:
+    """Check the flags after -- with the parser of the module that will run them (TensorFlow-free, no I/O),
+    before anything is printed or submitted; returns the module's arguments. The trainer refuses random
+    shifts on a TPU, so a TPU job gets --augment none unless the flags say --augment none or --preset seed
+    (no augmentation) themselves, and any other --augment is refused here."""
+    from trainer.config import build_parser as trainer_parser
+    from trainer.config import parse_config
+
+    def refuse(module: str, message: str):
+        parser.error(f"flags after -- (for python -m {module}): {message}")
+
+    if args.command == "tune" and args.service == "keras-tuner":
+        from tuning.task import parse as tuning_parse
+
+        job_dir = gcs_mount(args.job_dir.rstrip("/") + "/search")
+        module_args = ["--job-dir", job_dir, *passthrough]
+        message = _argparse_refusal(tuning_parse, module_args)
+        if message:
+            refuse("tuning.task", message)
+        if tuning_parse(module_args)[0].job_dir != job_dir:
+            refuse("tuning.task", f"--job-dir is set from deploy's own --job-dir (to {job_dir}, the folder "
+                                  "every worker shares)")
+        return module_args
+
+    module_args = list(passthrough) + (["--hypertune"] if args.command == "tune" else [])
+    message = _argparse_refusal(trainer_parser().parse_args, module_args)
+    if message:
+        refuse("trainer.task", message)
+    given = trainer_parser().parse_args(module_args)
+    # --hparams-file is read where the job runs (e.g. a /gcs/ path), so the rest is checked without it.
+    checked = _without_option(module_args, "--hparams-file") if given.hparams_file else module_args
+    message = _argparse_refusal(lambda argv: parse_config(argv, {}), checked)
+    if message:
+        refuse("trainer.task", message)
+    if args.command == "tune":
+        for flag in ("filters", "dropout"):
+            if getattr(given, flag) is not None:
+                refuse("trainer.task", f"--{flag} is what the tuning service sets in every trial")
+        for choice in args.filter_choices.split(";"):  # each trial's flags, as Vertex AI appends them
+            message = _argparse_refusal(lambda argv: parse_config(argv, {}), checked + [
+                "--filters", choice.strip(), "--dropout", str(args.dropout_range.low)])
+            if message:
+                parser.error(f"--filter-choices {choice.strip()!r}: {message}")
+    if TARGETS[args.target].variant == "tpu":
+        if given.augment not in (None, "none"):
+            refuse("trainer.task", f"--augment {given.augment} cannot run on a TPU with this trainer (XLA cannot "
+                                   "compile the image transform it uses); leave it out or pass --augment none")
+        if given.augment is None and given.preset != "seed":
+            module_args += ["--augment", "none"]
+    return module_args
+
+
+def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
+    """The command line, every check that needs no I/O (exit 2): returns (args, the module's arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     passthrough: List[str] = []
     if "--" in argv:
@@ -95,6 +227,8 @@ def parse(argv: Optional[Sequence[str]]):
         argv = argv[:argv.index("--")]
     parser = build_parser()
     args = parser.parse_args(argv)
+    parser = parser.commands[args.command]  # errors show the subcommand's usage
+    args.project = args.project or environ.get("GOOGLE_CLOUD_PROJECT")
     if not args.project:
         parser.error("--project is required (or set GOOGLE_CLOUD_PROJECT)")
     if not args.job_dir.startswith("gs://"):
@@ -106,14 +240,26 @@ def parse(argv: Optional[Sequence[str]]):
                      "service account (one with roles/aiplatform.user and storage access)")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.command == "tune" and args.service == "vertex":
-        try:
-            low, high = (float(v) for v in args.dropout_range.split(":"))
-        except ValueError:
-            parser.error(f"--dropout-range: expected MIN:MAX, got {args.dropout_range!r}")
-        if not 0 <= low < high < 1:
-            parser.error(f"--dropout-range: need 0 <= MIN < MAX < 1, got {args.dropout_range}")
-    return args, passthrough
+    target = TARGETS[args.target]
+    if args.accelerator_count is not None:
+        if not target.accelerator_count:
+            parser.error(f"--accelerator-count: --target {args.target} has no accelerators; for GPUs use "
+                         "--target gpu or gpu-multi (with --workers N for GPU workers beside the chief)")
+        if target.variant == "tpu" and args.accelerator_count != target.accelerator_count:
+            parser.error(f"--accelerator-count: --target {args.target} is {target.accelerator_count} TPU chips, "
+                         f"fixed by its machine type {target.machine_type}")
+        if args.accelerator_count == 0:
+            parser.error(f"--accelerator-count 0: for a machine without GPUs use --target cpu")
+        if target.variant == "gpu" and args.accelerator_count not in GPU_COUNTS:
+            counts = f"{', '.join(map(str, GPU_COUNTS[:-1]))} or {GPU_COUNTS[-1]}"
+            parser.error(f"--accelerator-count: a machine takes {counts} NVIDIA T4s, got {args.accelerator_count}")
+    if args.command == "tune":
+        if args.max_trials < 1 or args.parallel_trials < 1:
+            parser.error("--max-trials and --parallel-trials must be at least 1")
+        if args.service == "keras-tuner" and target.variant == "tpu":
+            parser.error(f"--target {args.target}: a KerasTuner search trains every trial with TensorFlow's "
+                         "default strategy, so the TPU would sit idle; use --target cpu or gpu")
+    return args, check_passthrough(parser, args, passthrough)
 
 
 def default_image(args, variant: str) -> str:
@@ -139,7 +285,8 @@ def worker_pools(args, module: str, module_args: List[str], package_uri: Optiona
     machine = vertex.MachineSpec(machine_type=args.machine_type or target.machine_type)
     if target.accelerator_count:
         machine.accelerator_type = vertex.AcceleratorType[target.accelerator_type]
-        machine.accelerator_count = args.accelerator_count or target.accelerator_count
+        machine.accelerator_count = target.accelerator_count if args.accelerator_count is None else \
+            args.accelerator_count
     if target.tpu_topology:
         machine.tpu_topology = target.tpu_topology
     if package_uri:
@@ -158,42 +305,34 @@ def worker_pools(args, module: str, module_args: List[str], package_uri: Optiona
     return pools
 
 
-def gcs_fuse_path(url: str) -> str:
-    """Vertex AI mounts Cloud Storage at /gcs/BUCKET/...: the shared folder a KerasTuner search needs."""
-    return "/gcs/" + url[len("gs://"):]
-
-
-def build_job(args, passthrough: List[str], package_uri: Optional[str]):
-    """The CustomJob or HyperparameterTuningJob message for these arguments."""
+def build_job(args, module_args: List[str], package_uri: Optional[str]):
+    """The CustomJob or HyperparameterTuningJob message for these arguments (module_args: checked by
+    `check_passthrough`)."""
     from google.cloud import aiplatform_v1 as vertex
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = args.display_name or f"mnist-{args.command}-{args.target}-{stamp}"
-    if args.command == "tune" and args.service == "keras-tuner":
-        module, module_args = "tuning.task", ["--job-dir", gcs_fuse_path(args.job_dir.rstrip("/") + "/search"),
-                                              *passthrough]
-    else:
-        module, module_args = "trainer.task", list(passthrough)
-        if args.command == "tune":
-            module_args.append("--hypertune")
+    keras_tuner = args.command == "tune" and args.service == "keras-tuner"
+    module = "tuning.task" if keras_tuner else "trainer.task"
     spec = vertex.CustomJobSpec(worker_pool_specs=worker_pools(args, module, module_args, package_uri),
                                 base_output_directory=vertex.GcsDestination(output_uri_prefix=args.job_dir))
     if args.service_account:
         spec.service_account = args.service_account
     if args.tensorboard:
         spec.tensorboard = args.tensorboard
-    if args.command == "train" or args.service == "keras-tuner":
+    if args.command == "train" or keras_tuner:
         return vertex.CustomJob(display_name=name, job_spec=spec)
-    low, high = (float(v) for v in args.dropout_range.split(":"))
+    dropout = args.dropout_range
+    Spec = vertex.StudySpec.ParameterSpec
+    if dropout.step:
+        dropout_values = dict(discrete_value_spec=Spec.DiscreteValueSpec(values=list(dropout.grid())))
+    else:
+        dropout_values = dict(double_value_spec=Spec.DoubleValueSpec(min_value=dropout.low, max_value=dropout.high),
+                              scale_type=Spec.ScaleType.UNIT_LINEAR_SCALE)
     parameters = [
-        vertex.StudySpec.ParameterSpec(
-            parameter_id="filters",
-            categorical_value_spec=vertex.StudySpec.ParameterSpec.CategoricalValueSpec(
-                values=[choice.strip() for choice in args.filter_choices.split(";")])),
-        vertex.StudySpec.ParameterSpec(
-            parameter_id="dropout",
-            double_value_spec=vertex.StudySpec.ParameterSpec.DoubleValueSpec(min_value=low, max_value=high),
-            scale_type=vertex.StudySpec.ParameterSpec.ScaleType.UNIT_LINEAR_SCALE),
+        Spec(parameter_id="filters", categorical_value_spec=Spec.CategoricalValueSpec(
+            values=[choice.strip() for choice in args.filter_choices.split(";")])),
+        Spec(parameter_id="dropout", **dropout_values),
     ]
     study = vertex.StudySpec(metrics=[vertex.StudySpec.MetricSpec(
         metric_id="val_accuracy", goal=vertex.StudySpec.MetricSpec.GoalType.MAXIMIZE)], parameters=parameters)
@@ -202,7 +341,11 @@ def build_job(args, passthrough: List[str], package_uri: Optional[str]):
 
 
 def to_json(job) -> str:
-    return type(job).to_json(job, use_integers_for_enums=False, indent=2)
+    """The request body as the API receives it: only the fields it sets (protobuf's JSON form leaves out
+    fields at their default, which are not sent either), enums by name."""
+    from google.protobuf import json_format
+
+    return json_format.MessageToJson(type(job).pb(job), indent=2)
 
 
 def submit(args, job):
@@ -231,7 +374,7 @@ def submit(args, job):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, passthrough = parse(argv)  # exits 2 on a command-line error
+    args, module_args = parse(argv, os.environ)  # exits 2 on a command-line error
     try:
         package_uri = None
         with tempfile.TemporaryDirectory() as scratch:
@@ -241,7 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if not args.dry_run:
                     from trainer.storage import upload_file
                     upload_file(archive, package_uri)
-        job = build_job(args, passthrough, package_uri)
+        job = build_job(args, module_args, package_uri)
         if args.dry_run:
             print(to_json(job))
             return 0

@@ -98,6 +98,35 @@ def run_cli(args, timeout=300, **env):
                           capture_output=True, text=True, timeout=timeout)
 
 
+_FRESH_MAIN = """
+import contextlib, io, json, sys, time
+module, args = sys.argv[1], json.loads(sys.argv[2])
+out, err = io.StringIO(), io.StringIO()
+started = time.perf_counter()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        code = __import__(module, fromlist=["main"]).main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+seconds = time.perf_counter() - started
+heavy = [name for name in ("tensorflow", "keras", "keras_tuner") if name in sys.modules]
+print(json.dumps(dict(code=code, out=out.getvalue(), err=err.getvalue(), seconds=seconds, heavy=heavy)))
+"""
+
+
+def main_in_fresh_interpreter(module, args, cwd=ROOT_DIR, **env):
+    """`MODULE.main(ARGS)` called in-process in a new interpreter (so sys.modules starts clean); returns a dict:
+    code (exit code), out, err, seconds (import of MODULE plus the call), heavy (TensorFlow, Keras or
+    KerasTuner modules it imported)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _FRESH_MAIN, module, json.dumps(list(args))], cwd=cwd,
+                            env=trainer_env(**env), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
 def start_cli(args, log_path, **env):
     """Start the trainer in the background, its output going to `log_path`; returns the Popen."""
     import subprocess

@@ -19,7 +19,7 @@ import sysconfig
 
 import pytest
 
-from conftest import ROOT_DIR
+from conftest import ROOT_DIR, main_in_fresh_interpreter
 
 TARGETS = ("cpu", "gpu", "gpu-multi", "multi-worker", "tpu-v5e", "tpu-v3")
 
@@ -39,7 +39,25 @@ def vertex(args):
 def trainer_parses(args):
     from trainer.config import build_parser
 
-    build_parser().parse_args(args)  # raises SystemExit(2) on anything trainer.task would refuse
+    return build_parser().parse_args(args)  # raises SystemExit(2) on anything trainer.task would refuse
+
+
+def output_only_or_empty(message_type, payload, path=""):
+    """Fields of a job's JSON that the API marks OUTPUT_ONLY (google.api.field_behavior) or that carry no
+    value, found by walking the JSON along the message's own descriptor."""
+    from google.api import field_behavior_pb2
+
+    descriptor = message_type.pb().DESCRIPTOR if hasattr(message_type, "pb") else message_type
+    found = []
+    for key, value in payload.items():
+        field = next(f for f in descriptor.fields if f.json_name == key)
+        behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+        if field_behavior_pb2.OUTPUT_ONLY in behaviors or value in ("", [], {}, None, False, 0, "0"):
+            found.append(path + key)
+        if field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in value if isinstance(value, list) else [value]:
+                found += output_only_or_empty(field.message_type, item, f"{path}{key}.")
+    return found
 
 
 COMMON = ["--project", "my-project", "--region", "us-central1", "--job-dir", "gs://my-bucket/runs/r1", "--dry-run"]
@@ -53,7 +71,8 @@ def test_every_target_dry_run_is_a_valid_custom_job(target):
                              "--", "--epochs", "3", "--batch-size", "256"])
     assert code == 0, err
     job = CustomJob.from_json(out)  # unknown fields would raise
-    assert re.search(r'"acceleratorType": "[A-Z][A-Z_0-9]+"', out), "enums are printed by name"
+    if target not in ("cpu", "multi-worker"):
+        assert re.search(r'"acceleratorType": "[A-Z][A-Z_0-9]+"', out), "enums are printed by name"
     pools = job.job_spec.worker_pool_specs
     assert job.job_spec.base_output_directory.output_uri_prefix == "gs://my-bucket/runs/r1"
     assert len(pools) == (2 if target == "multi-worker" else 1)
@@ -69,7 +88,10 @@ def test_every_target_dry_run_is_a_valid_custom_job(target):
         assert machine.machine_type == "ct5lp-hightpu-4t" and machine.tpu_topology == "2x2"
     for pool in pools:
         assert pool.container_spec.image_uri.endswith("trainer:x")
-        trainer_parses(list(pool.container_spec.args))
+        args = trainer_parses(list(pool.container_spec.args))
+        # the trainer refuses its random shifts on a TPU: a TPU job runs the default recipe without them
+        assert args.augment == ("none" if target.startswith("tpu") else None)
+    assert output_only_or_empty(CustomJob, json.loads(out)) == [], "only the fields the request sets"
 
 
 def test_package_dry_run_uses_a_python_package_spec_on_the_project_image():
@@ -92,6 +114,7 @@ def test_vertex_tuning_job_searches_filters_and_dropout_on_val_accuracy():
                              "--parallel-trials", "2", *COMMON, "--", "--epochs", "4"])
     assert code == 0, err
     job = HyperparameterTuningJob.from_json(out)
+    assert output_only_or_empty(HyperparameterTuningJob, json.loads(out)) == []
     assert job.max_trial_count == 8 and job.parallel_trial_count == 2
     assert [m.metric_id for m in job.study_spec.metrics] == ["val_accuracy"]
     assert job.study_spec.metrics[0].goal.name == "MAXIMIZE"
@@ -101,6 +124,18 @@ def test_vertex_tuning_job_searches_filters_and_dropout_on_val_accuracy():
     assert "--hypertune" in args
     for filters in params["filters"].categorical_value_spec.values:  # how Vertex AI appends trial values
         trainer_parses(args + [f"--filters={filters}", f"--dropout={params['dropout'].double_value_spec.max_value}"])
+
+
+def test_vertex_tuning_dropout_range_takes_a_step_and_shares_tuning_tasks_messages():
+    from google.cloud.aiplatform_v1 import HyperparameterTuningJob
+
+    code, out, err = vertex(["tune", "--service", "vertex", "--image", "img:cpu", "--dropout-range", "0.1:0.5:0.1",
+                             *COMMON])
+    assert code == 0, err
+    dropout = {p.parameter_id: p for p in HyperparameterTuningJob.from_json(out).study_spec.parameters}["dropout"]
+    assert list(dropout.discrete_value_spec.values) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    code, _, err = vertex(["tune", "--service", "vertex", "--image", "img:cpu", "--dropout-range", "0.6:0.1", *COMMON])
+    assert code == 2 and "argument --dropout-range: MIN 0.6 is above MAX 0.1" in err  # as tuning.task says it
 
 
 def test_keras_tuner_search_is_one_custom_job_chief_plus_workers():
@@ -117,6 +152,82 @@ def test_keras_tuner_search_is_one_custom_job_chief_plus_workers():
         assert list(pool.container_spec.command) == ["python", "-m", "tuning.task"]
         args = tuning_parser().parse_args(list(pool.container_spec.args))
         assert args.job_dir == "/gcs/my-bucket/runs/r1/search"  # the bucket as Vertex AI mounts it: shared
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    ("train", ["--epochs", "-5"], "flags after -- (for python -m trainer.task): --epochs must be at least 1, got -5"),
+    ("train", ["--bogus", "1"], "flags after -- (for python -m trainer.task): unrecognized arguments: --bogus 1"),
+    ("train", ["--dropout", "1.5"], "flags after -- (for python -m trainer.task): --dropout must be in [0, 1)"),
+    ("train", ["--hparams-file", "/gcs/b/best.json", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    ("tune --service keras-tuner", ["--tuner", "hyperband", "--max-trials", "5"],
+     "flags after -- (for python -m tuning.task): --max-trials does not apply to --tuner hyperband"),
+    ("tune --service keras-tuner", ["--dropout-range", "0.5:0.2"], "MIN 0.5 is above MAX 0.2"),
+    ("tune --service vertex", ["--epochs", "0"], "flags after -- (for python -m trainer.task): --epochs must be"),
+    ("tune --service vertex", ["--dropout", "0.3"], "--dropout is what the tuning service sets in every trial"),
+    ("train --target tpu-v5e", ["--augment", "shift"], "--augment shift cannot run on a TPU"),
+])
+def test_bad_flags_after_the_double_dash_exit_2_before_anything_is_printed(command, flags, message):
+    result = main_in_fresh_interpreter("deploy.vertex", [*command.split(), "--image", "img:x", *COMMON, "--", *flags])
+    assert result["code"] == 2 and result["out"] == ""
+    assert message in result["err"].splitlines()[-1], result["err"]
+    assert result["heavy"] == [], "checked without importing TensorFlow"
+
+
+def test_a_dry_run_checks_and_prints_without_importing_tensorflow():
+    result = main_in_fresh_interpreter("deploy.vertex", ["tune", "--service", "keras-tuner", "--image", "img:x",
+                                                         *COMMON, "--", "--tuner", "hyperband", "--max-epochs", "4"])
+    assert result["code"] == 0, result["err"]
+    assert json.loads(result["out"])["jobSpec"]["workerPoolSpecs"][0]["containerSpec"]["command"][-1] == "tuning.task"
+    assert result["heavy"] == []
+
+
+@pytest.mark.parametrize("flags, accelerators, message", [
+    (["--target", "gpu", "--accelerator-count", "2"], ("NVIDIA_TESLA_T4", 2), None),
+    (["--target", "gpu-multi", "--accelerator-count", "1"], ("NVIDIA_TESLA_T4", 1), None),
+    (["--target", "gpu", "--accelerator-count", "0"], None, "--accelerator-count 0: for a machine without GPUs use "
+                                                            "--target cpu"),
+    (["--target", "gpu", "--accelerator-count", "3"], None, "a machine takes 1, 2 or 4 NVIDIA T4s, got 3"),
+    (["--target", "cpu", "--accelerator-count", "1"], None, "--target cpu has no accelerators"),
+    (["--target", "multi-worker", "--accelerator-count", "2"], None, "--target multi-worker has no accelerators"),
+    (["--target", "tpu-v5e", "--accelerator-count", "8"], None, "--target tpu-v5e is 4 TPU chips"),
+    (["--target", "tpu-v5e", "--accelerator-count", "4"], ("TPU_V5_LITEPOD", 4), None),
+])
+def test_accelerator_count_is_honoured_where_it_fits_and_refused_elsewhere(flags, accelerators, message):
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    code, out, err = vertex(["train", *flags, "--image", "img:x", *COMMON])
+    if message:
+        assert code == 2 and out == "" and message in err.splitlines()[-1], err
+    else:
+        assert code == 0, err
+        machine = CustomJob.from_json(out).job_spec.worker_pool_specs[0].machine_spec
+        assert (machine.accelerator_type.name, machine.accelerator_count) == accelerators
+
+
+@pytest.mark.parametrize("flags, augment", [([], ["--augment", "none"]), (["--preset", "seed"], []),
+                                            (["--augment", "none"], [])])
+def test_tpu_jobs_run_without_the_shifts_the_trainer_refuses_on_a_tpu(flags, augment):
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    code, out, err = vertex(["train", "--target", "tpu-v3", "--image", "img:x", *COMMON, "--", *flags])
+    assert code == 0, err
+    args = list(CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.args)
+    assert args == flags + augment
+    assert trainer_parses(args).augment in ("none", None if "seed" in flags else "none")
+
+
+def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
+    tuning_only = ("--service", "--max-trials", "--parallel-trials", "--filter-choices", "--dropout-range")
+    train = main_in_fresh_interpreter("deploy.vertex", ["train", "--help"])
+    tune = main_in_fresh_interpreter("deploy.vertex", ["tune", "--help"])
+    assert train["code"] == tune["code"] == 0 and train["heavy"] == tune["heavy"] == []
+    train_flags, tune_flags = (set(re.findall(r"--[a-z][a-z-]*", result["out"])) for result in (train, tune))
+    assert train_flags.isdisjoint(tuning_only) and tune_flags.issuperset(tuning_only)
+    for help_text in (train["out"], tune["out"]):
+        assert "(default: us-central1)" in " ".join(help_text.split())
+        assert "(default: cpu)" in " ".join(help_text.split())
+    assert " ".join(train["out"].split()).count("Submit one training run to Vertex AI") == 1
+    assert "Submit one training run" not in tune["out"] and "Submit a hyperparameter search" in tune["out"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,14 +1,17 @@
-"""KerasTuner search through the trainer on real digits: files, best trial, feeding it back, resume,
-a distributed search with a chief oracle and two workers on 127.0.0.1, and cloudml-hypertune reports."""
+"""KerasTuner search through the trainer on real digits: files, best trial, feeding it back, resume (and
+its refusal when the settings differ), command-line errors before TensorFlow, one trial numbering, a
+distributed search with a chief oracle and two workers on 127.0.0.1, and cloudml-hypertune reports."""
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT_DIR, free_port, read_metrics, run_cli, trainer_env
+from conftest import ROOT_DIR, free_port, main_in_fresh_interpreter, read_metrics, run_cli, trainer_env
 
 
 def tune(args, timeout=600, **env):
@@ -23,11 +26,11 @@ def search(digits_idx, tmp_path_factory):
             "--train-limit", "2500", "--preset", "seed", "--job-dir", job_dir]
     result = tune(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    return job_dir, args, result.stdout
+    return job_dir, args, result.stdout, result.stderr
 
 
 def test_search_writes_its_files_and_reports_the_best_trial(search):
-    job_dir, _, out = search
+    job_dir, _, out, _ = search
     with open(os.path.join(job_dir, "search_results.json")) as handle:
         results = json.load(handle)
     trials = results["trials"]
@@ -46,18 +49,153 @@ def test_search_writes_its_files_and_reports_the_best_trial(search):
 def test_hparams_view_lists_every_trial(search):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    job_dir, _, _ = search
+    job_dir, _, _, _ = search
     multiplexer = EventMultiplexer()
     multiplexer.AddRunsFromDirectory(os.path.join(job_dir, "logs"))
     multiplexer.Reload()
     content = multiplexer.PluginRunToTagToContent("hparams")
-    sessions = [run for run in content if run.startswith("trial_") and "/" not in run]
-    assert len(sessions) == 3 and "." in content  # one session per trial, plus the experiment config
-    assert any(run.endswith("/validation") for run in multiplexer.Runs())
+    sessions = {run for run in content if run.startswith("trial_") and "/" not in run}
+    with open(os.path.join(job_dir, "search_results.json")) as handle:
+        ids = {row["trial_id"] for row in json.load(handle)["trials"]}
+    assert ids == {1, 2, 3} and "." in content  # numbered as KerasTuner prints them, plus the experiment config
+    assert sessions == {f"trial_{trial_id}" for trial_id in ids}  # one session per trial, the same ids
+    for trial_id in ids:
+        assert f"trial_{trial_id}/validation" in multiplexer.Runs()
+        assert os.path.isdir(os.path.join(job_dir, "trials", f"trial_{trial_id}"))
+
+
+def test_stdout_numbers_trials_as_search_results_does_and_has_no_escape_codes(search):
+    job_dir, _, out, err = search
+    with open(os.path.join(job_dir, "search_results.json")) as handle:
+        results = json.load(handle)
+    rows = {row["trial_id"]: row for row in results["trials"]}
+    started = re.findall(r"^Search: Running Trial #(\d+)\n+--filters (\S+)  --dropout (\S+)$", out, re.M)
+    assert [int(number) for number, _, _ in started] == [1, 2, 3]
+    for number, filters, dropout in started:  # the values printed for trial N are trial N's in the file
+        assert (rows[int(number)]["filters"], rows[int(number)]["dropout"]) == (filters, float(dropout))
+    for number, score in re.findall(r"^Trial (\d+) Complete .*\nval_accuracy: (\S+)$", out, re.M):
+        assert rows[int(number)]["val_accuracy"] == pytest.approx(float(score))
+    table = re.findall(r"^(\d+) +(\S+) +(\S+) +\d+ +\S+ +([01]\.\d{4}) +COMPLETED$", out, re.M)
+    assert {int(row[0]): (row[1], float(row[2])) for row in table} == {
+        number: (row["filters"], row["dropout"]) for number, row in rows.items()}
+    assert f"best trial {results['best_trial_id']}: val_accuracy {results['best_val_accuracy']:.4f}" in out
+    assert "\x1b" not in out and "\x1b" not in err, "stdout is a pipe here: no terminal escape codes"
+
+
+def search_snapshot(job_dir):
+    """Every file under the search folder with its size, mtime and content digest."""
+    snapshot = {}
+    for folder, _, files in os.walk(job_dir):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                snapshot[path] = (os.stat(path).st_mtime_ns, hashlib.sha256(handle.read()).hexdigest())
+    return snapshot
+
+
+def changed(args, flag, value):
+    """The search fixture's arguments with one flag's value replaced (None: the flag removed)."""
+    index = args.index(flag)
+    return args[:index] + args[index + 2:] if value is None else args[:index + 1] + [value] + args[index + 2:]
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"--train-limit": "1000"}, "--train-limit 2500 -> 1000"),
+    ({"--filter-choices": "16,32"}, "--filter-choices 16,32,64 -> 16,32"),
+    ({"--tuner": "hyperband", "--max-trials": None}, "--tuner random -> hyperband"),
+    ({"--dropout-range": "0.2:0.4"}, "--dropout-range 0.1:0.6:0.1 -> 0.2:0.4"),
+])
+def test_resume_with_other_settings_is_refused_and_changes_nothing(search, change, named):
+    job_dir, args, _, _ = search
+    args = args + ["--filter-choices", "16,32,64", "--dropout-range", "0.1:0.6:0.1", "--resume"]  # the defaults
+    for flag, value in change.items():
+        args = changed(args, flag, value)
+    with open(os.path.join(job_dir, "best_hyperparameters.json"), "rb") as handle:
+        best = handle.read()
+    before = search_snapshot(job_dir)
+    result = main_in_fresh_interpreter("tuning.task", args)
+    assert result["code"] == 1, result
+    assert result["err"].count("\n") == 1 and result["err"].startswith("error: --job-dir ")
+    assert named in result["err"] and "other settings" in result["err"], result["err"]
+    assert result["heavy"] == [], "refused before TensorFlow or KerasTuner is imported"
+    with open(os.path.join(job_dir, "best_hyperparameters.json"), "rb") as handle:
+        assert handle.read() == best
+    assert search_snapshot(job_dir) == before
+
+
+def test_gs_job_dir_is_refused_with_the_cloud_storage_mount_and_no_gs_folder(tmp_path):
+    result = main_in_fresh_interpreter("tuning.task", ["--job-dir", "gs://my-bucket/search1"], cwd=str(tmp_path))
+    assert result["code"] == 2
+    assert "/gcs/my-bucket/search1" in result["err"].splitlines()[-1]
+    assert os.listdir(tmp_path) == [], "nothing written, least of all ./gs:"
+
+
+@pytest.mark.parametrize("case", ["bad dataset", "existing search"])
+def test_command_line_errors_come_back_in_under_a_second_without_tensorflow(search, case):
+    job_dir, args, _, _ = search
+    if case == "bad dataset":
+        result = main_in_fresh_interpreter("tuning.task", changed(args, "--dataset", "foo:bar"))
+        assert result["code"] == 2 and "--dataset 'foo:bar'" in result["err"]
+    else:  # found by looking at the folder: a fault found through I/O, exit 1 with one line
+        result = main_in_fresh_interpreter("tuning.task", args)
+        assert result["code"] == 1 and result["err"].startswith("error: ") and result["err"].count("\n") == 1
+        assert "a search already exists there" in result["err"]
+    assert result["seconds"] < 1.0, result
+    assert result["heavy"] == [], result
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.6:0.1", "MIN 0.6 is above MAX 0.1"),
+    ("0.3:0.3", "MIN and MAX are both 0.3"),
+    ("0.1:1.2", "MAX 1.2 is not a dropout rate"),
+    ("0.1:0.5:0", "STEP 0 must be positive"),
+    ("0.1:0.5:x", "STEP 'x' is not a number"),
+    ("0.1", "expected MIN:MAX or MIN:MAX:STEP"),
+])
+def test_dropout_range_errors_say_what_is_wrong(value, message):
+    result = main_in_fresh_interpreter("tuning.task", ["--dropout-range", value, "--job-dir", "/tmp/unused"])
+    assert result["code"] == 2 and f"argument --dropout-range: {message}" in result["err"], result["err"]
+
+
+_COUNT_TRACES = """
+import json, sys
+from tuning import task
+events = []
+
+def profile(frame, event, arg):
+    code = frame.f_code
+    if event != "call":
+        return
+    if (code.co_name == "tf__train_steps"  # autograph's version of train_steps: runs once per tracing
+            or code.co_name == "predict" and code.co_filename.endswith("train.py")
+            or code.co_name == "fit" and code.co_filename.endswith("hypermodel.py")):
+        events.append(code.co_name)
+
+sys.setprofile(profile)
+code = task.main(sys.argv[1:])
+sys.setprofile(None)
+print(json.dumps(dict(code=code, events=events)))
+"""
+
+
+def test_each_trial_traces_its_step_functions_once_and_no_retracing_warning(digits_idx, tmp_path):
+    """Hyperband with --max-epochs 3 runs 6 trials: more than the 5 tracings after which TensorFlow warns
+    about retracing, which it counts across trials (a new model, so new functions, every trial)."""
+    args = ["--tuner", "hyperband", "--max-epochs", "3", "--dataset", f"idx:{digits_idx}", "--train-limit", "500",
+            "--preset", "seed", "--job-dir", str(tmp_path / "job")]
+    result = subprocess.run([sys.executable, "-c", _COUNT_TRACES, *args], cwd=ROOT_DIR, env=trainer_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["code"] == 0
+    trials = " ".join(report["events"]).split("fit")[1:]  # the Python bodies that ran, trial by trial
+    assert len(trials) == 6
+    assert all(sorted(trial.split()) == ["predict", "tf__train_steps"] for trial in trials), report["events"]
+    assert "retracing" not in result.stderr
 
 
 def test_best_hyperparameters_file_reproduces_the_configuration(search, digits_idx, tmp_path):
-    job_dir, _, _ = search
+    job_dir, _, _, _ = search
     with open(os.path.join(job_dir, "best_hyperparameters.json")) as handle:
         chosen = json.load(handle)
     result = run_cli(["--dataset", f"idx:{digits_idx}", "--train-limit", "1000", "--epochs", "1",
@@ -71,7 +209,7 @@ def test_best_hyperparameters_file_reproduces_the_configuration(search, digits_i
 
 
 def test_existing_search_is_never_silently_reused_and_resume_redoes_nothing(search):
-    job_dir, args, _ = search
+    job_dir, args, _, _ = search
     again = tune(args)
     assert again.returncode == 1
     assert "a search already exists there" in again.stderr and "--resume" in again.stderr
@@ -127,7 +265,7 @@ def test_hypertune_report_has_one_line_per_epoch(digits_idx, tmp_path):
 
 
 def test_retrain_exports_the_best_configuration_as_a_normal_run(search):
-    job_dir, args, _ = search
+    job_dir, args, _, _ = search
     result = tune(args + ["--resume", "--retrain", "--retrain-epochs", "2"])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(job_dir, "best_hyperparameters.json")) as handle:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from trainer.export import write_json_atomic
-from tuning.hypermodel import DROPOUT, as_flags
+from tuning.space import DROPOUT, as_flags, trial_number
 
 BEST_FILE = "best_hyperparameters.json"
 RESULTS_FILE = "search_results.json"
@@ -17,7 +17,7 @@ def _trial_rows(tuner) -> list:
     for trial_id, trial in tuner.oracle.trials.items():
         hp = trial.hyperparameters.copy()
         flags = as_flags(space.values(hp), base)
-        rows.append(dict(trial_id=trial_id, status=str(trial.status), val_accuracy=trial.score, **flags))
+        rows.append(dict(trial_id=trial_number(trial_id), status=str(trial.status), val_accuracy=trial.score, **flags))
     return sorted(rows, key=lambda row: (row["val_accuracy"] is None, -(row["val_accuracy"] or 0.0)))
 
 
@@ -44,7 +44,7 @@ def write_hparams_view(rows: list, log_dir: str) -> None:
         hparams.hparams_config(hparams=declared, metrics=metrics)
     for row in rows:
         with tf.summary.create_file_writer(os.path.join(log_dir, f"trial_{row['trial_id']}")).as_default():
-            hparams.hparams({name: row[name] for name in names}, trial_id=row["trial_id"])
+            hparams.hparams({name: row[name] for name in names}, trial_id=str(row["trial_id"]))
 
 
 def write_results(tuner, space, job_dir: str) -> str:
@@ -56,9 +56,9 @@ def write_results(tuner, space, job_dir: str) -> str:
     best_path = os.path.join(job_dir, BEST_FILE)
     write_json_atomic(best_path, best)
     write_json_atomic(os.path.join(job_dir, RESULTS_FILE),
-                      {"objective": "val_accuracy", "best_trial_id": best_trial.trial_id,
+                      {"objective": "val_accuracy", "best_trial_id": trial_number(best_trial.trial_id),
                        "best_val_accuracy": best_trial.score, "trials": rows})
     write_hparams_view(rows, os.path.join(job_dir, "logs"))
-    print(f"best trial {best_trial.trial_id}: val_accuracy {best_trial.score:.4f}; wrote {best_path} "
+    print(f"best trial {trial_number(best_trial.trial_id)}: val_accuracy {best_trial.score:.4f}; wrote {best_path} "
           f"(use: python -m trainer.task --hparams-file {best_path})", flush=True)
     return best_path

@@ -7,6 +7,10 @@ The objective is validation accuracy (the test split is touched once, by --retra
 HParams view of all trials (logs/), best_hyperparameters.json (trainer flag names: pass it back with
 `python -m trainer.task --hparams-file`), search_results.json; with --retrain a normal trainer run in best/.
 
+A search records its settings in search_settings.json when it starts; --resume with other ones is
+refused (exit 1) with one line naming each difference, and nothing in the folder changes. Every argument
+and the look for an existing search are checked before TensorFlow or KerasTuner is imported.
+
 Distributed search: set KERASTUNER_TUNER_ID / KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT, or run on
 Vertex AI, where they are derived from CLUSTER_SPEC (pool 0 the chief oracle, pool 1 the tuner workers).
 Exit codes as trainer.task: 0, 2 (command line), 1 (I/O or TensorFlow, one line on stderr).
@@ -15,6 +19,7 @@ Exit codes as trainer.task: 0, 2 (command line), 1 (I/O or TensorFlow, one line 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -22,9 +27,15 @@ from typing import Mapping, MutableMapping, Optional, Sequence
 
 from trainer.config import PRESETS, Config
 from trainer.errors import TrainerError
+from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
 TUNERS = ("random", "hyperband", "bayesian")
 PROJECT = "mnist_cnn"
+HYPERBAND_MAX_EPOCHS = 9
+SETTINGS_FILE = "search_settings.json"
+# What a search writes in its job dir (--overwrite deletes exactly these; best/ is a normal trainer run).
+SEARCH_OUTPUTS = ("keras_tuner", "trials", "logs", SETTINGS_FILE, "best_hyperparameters.json",
+                  "search_results.json")
 
 
 def _int_list(text: str):
@@ -59,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--epochs", type=int, default=3, help="epochs per trial (random, bayesian)")
     search.add_argument("--blocks", type=int, default=2, help="conv blocks; each block's filters are searched")
     search.add_argument("--filter-choices", type=_int_list, default=(16, 32, 64))
-    search.add_argument("--dropout-range", default="0.1:0.6:0.1", help="MIN:MAX:STEP")
+    search.add_argument("--dropout-range", type=dropout_range, default="0.1:0.6:0.1",
+                        help="MIN:MAX[:STEP]: dropout rates on a grid of STEP, or continuous without one")
     search.add_argument("--dense-units-choices", type=_int_list, default=(), help="search dense units too")
     search.add_argument("--learning-rate-choices", type=_float_list, default=(), help="search the learning rate too")
-    search.add_argument("--resume", action="store_true", help="continue the search already in --job-dir")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the search already in --job-dir (refused if its settings differ)")
     search.add_argument("--overwrite", action="store_true", help="delete the search already in --job-dir")
     search.add_argument("--retrain", action="store_true",
                         help="train the best configuration with the trainer and export it to JOB_DIR/best")
@@ -78,11 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--learning-rate", type=float, default=None)
     data.add_argument("--dense-units", type=int, default=None)
     data.add_argument("--seed", type=int, default=42)
-    data.add_argument("--job-dir", required=True, help="local folder, shared by all workers of a distributed search")
+    data.add_argument("--job-dir", required=True,
+                      help="local folder, shared by all workers of a distributed search (on Vertex AI the "
+                           "Cloud Storage mount /gcs/BUCKET/...; gs:// URLs are refused)")
     return parser
 
 
 def parse(argv: Optional[Sequence[str]]):
+    """Every command-line check, without TensorFlow or KerasTuner; exits 2 (argparse style) on an error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.tuner == "hyperband" and args.max_trials is not None:
@@ -92,20 +108,17 @@ def parse(argv: Optional[Sequence[str]]):
         parser.error("--max-epochs applies to --tuner hyperband only; use --epochs for trial length")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    try:
-        low, high, step = (float(v) for v in args.dropout_range.split(":"))
-    except ValueError:
-        parser.error(f"--dropout-range: expected MIN:MAX:STEP such as 0.1:0.6:0.1, got {args.dropout_range!r}")
-    if not (0 <= low < high < 1 and step > 0):
-        parser.error(f"--dropout-range: need 0 <= MIN < MAX < 1 and STEP > 0, got {args.dropout_range}")
-    for name in ("max_trials", "max_epochs", "epochs", "blocks", "retrain_epochs"):
+    if args.job_dir.startswith("gs://"):
+        parser.error(f"--job-dir {args.job_dir}: KerasTuner needs a folder all workers share, not a gs:// URL; "
+                     f"on Vertex AI pass the Cloud Storage mount {gcs_mount(args.job_dir)} (deploy.vertex tune "
+                     "--service keras-tuner does)")
+    for name in ("max_trials", "max_epochs", "epochs", "blocks", "retrain_epochs", "hyperband_factor"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    from tuning.hypermodel import SearchSpace
-
-    space = SearchSpace(blocks=args.blocks, filter_choices=args.filter_choices, dropout_min=low, dropout_max=high,
-                        dropout_step=step, dense_units_choices=args.dense_units_choices,
+        minimum = 2 if name == "hyperband_factor" else 1
+        if value is not None and value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+    space = SearchSpace(blocks=args.blocks, filter_choices=args.filter_choices, dropout=args.dropout_range,
+                        dense_units_choices=args.dense_units_choices,
                         learning_rate_choices=args.learning_rate_choices)
     preset = dict(PRESETS[args.preset])
     for key in ("batch_size", "learning_rate", "dense_units"):
@@ -119,6 +132,44 @@ def parse(argv: Optional[Sequence[str]]):
     except ValueError as error:
         parser.error(str(error))
     return args, space, base
+
+
+def gcs_mount(url: str) -> str:
+    """gs://BUCKET/path as Vertex AI jobs see it through Cloud Storage FUSE: /gcs/BUCKET/path."""
+    return "/gcs/" + url[len("gs://"):]
+
+
+def search_settings(args, space: SearchSpace, base: Config) -> dict:
+    """What makes two searches comparable: the data, the fixed settings, the space, the tuner and its
+    options, the trial length. Keys are flag names. --max-trials is the budget, so it is not here: a
+    resumed random or bayesian search may be given more trials."""
+    settings = {"--dataset": base.dataset, "--train-limit": base.train_limit,
+                "--validation-fraction": base.validation_fraction, "--seed": base.seed, "--preset": base.preset,
+                "--batch-size": base.batch_size, "--learning-rate": base.learning_rate,
+                "--dense-units": base.dense_units, "--blocks": space.blocks,
+                "--filter-choices": list(space.filter_choices), "--dropout-range": str(space.dropout),
+                "--dense-units-choices": list(space.dense_units_choices),
+                "--learning-rate-choices": list(space.learning_rate_choices), "--tuner": args.tuner}
+    if args.tuner == "hyperband":
+        settings.update({"--max-epochs": args.max_epochs or HYPERBAND_MAX_EPOCHS,
+                         "--hyperband-factor": args.hyperband_factor})
+    else:
+        settings["--epochs"] = base.epochs
+    return settings
+
+
+def settings_differences(saved: dict, wanted: dict) -> list:
+    """`--flag old -> new` for every setting both record that differs (settings of one tuner only, such as
+    --max-epochs, are covered by the --tuner difference)."""
+    def shown(value):
+        if value is None:
+            return "(unset)"
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "(none)"
+        return str(value)
+
+    return [f"{key} {shown(saved[key])} -> {shown(value)}" for key, value in wanted.items()
+            if key in saved and saved[key] != value]
 
 
 def distributed_environment(environ: Mapping[str, str]) -> dict:
@@ -135,24 +186,19 @@ def distributed_environment(environ: Mapping[str, str]) -> dict:
     return {"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port or "2222"}
 
 
-def make_tuner(args, hypermodel, project_dir: str, overwrite: bool):
+def make_tuner(args, hypermodel, project_dir: str):
     import keras_tuner as kt
 
     common = dict(objective=kt.Objective("val_accuracy", direction="max"), seed=args.seed,
                   directory=os.path.dirname(project_dir), project_name=os.path.basename(project_dir),
-                  overwrite=overwrite)
+                  overwrite=False)  # --overwrite empties the folder first: KerasTuner's own would race workers
     if args.tuner == "random":
         base, extra = kt.RandomSearch, dict(max_trials=args.max_trials or 10)
     elif args.tuner == "bayesian":
-        try:
-            import scipy  # noqa: F401
-            import sklearn  # noqa: F401
-        except ModuleNotFoundError:
-            raise TrainerError("--tuner bayesian needs scipy and scikit-learn: "
-                               "pip install 'mnist-trainer[bayesian]'") from None
         base, extra = kt.BayesianOptimization, dict(max_trials=args.max_trials or 10)
     else:
-        base, extra = kt.Hyperband, dict(max_epochs=args.max_epochs or 9, factor=args.hyperband_factor)
+        base, extra = kt.Hyperband, dict(max_epochs=args.max_epochs or HYPERBAND_MAX_EPOCHS,
+                                         factor=args.hyperband_factor)
 
     class Tuner(base):
         def run_trial(self, trial, *fit_args, **fit_kwargs):  # trial folders are named by id
@@ -161,26 +207,123 @@ def make_tuner(args, hypermodel, project_dir: str, overwrite: bool):
     return Tuner(hypermodel, **common, **extra)
 
 
+def check_job_dir(args, settings: dict, job_dir: str) -> None:
+    """The chief's look at --job-dir before anything heavy is imported: an existing search is reused only
+    with --resume and the same settings (else nothing there changes), or deleted with --overwrite."""
+    import shutil
+
+    project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
+    settings_path = os.path.join(job_dir, SETTINGS_FILE)
+    exists = os.path.exists(os.path.join(project_dir, "oracle.json"))
+    if exists and not (args.resume or args.overwrite):
+        raise TrainerError(f"--job-dir {args.job_dir}: a search already exists there ({project_dir}); pass "
+                           "--resume to continue it, --overwrite to start over, or choose another --job-dir")
+    if exists and args.resume:
+        try:
+            with open(settings_path) as handle:
+                saved = json.load(handle)
+        except FileNotFoundError:
+            saved = None  # made before searches recorded their settings: nothing to compare
+            print(f"note: {settings_path} is missing, so the search's settings cannot be checked; "
+                  "recording the current ones", file=sys.stderr)
+        except (OSError, ValueError) as error:
+            raise TrainerError(f"{settings_path}: cannot read the search's settings ({error})") from None
+        differences = settings_differences(saved, settings) if saved is not None else []
+        if differences:
+            raise TrainerError(f"--job-dir {args.job_dir}: the search there was made with other settings "
+                               f"({'; '.join(differences)}); pass the same ones to resume it, --overwrite to "
+                               "start over, or choose another --job-dir")
+    if args.overwrite:
+        for name in SEARCH_OUTPUTS:
+            path = os.path.join(job_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(job_dir, exist_ok=True)
+    from trainer.export import write_json_atomic
+
+    write_json_atomic(settings_path, settings)
+
+
+def quiet_cross_trial_retracing() -> None:
+    """Every trial builds a new model, so the trainer's step functions are new `tf.function`s each time
+    and each is traced once (tests/test_tuning.py counts it); TensorFlow's retracing detector keys on the
+    Python code, not the function object, and so warns about tracing across trials. Drop that warning."""
+    import logging
+
+    class DropRetracing(logging.Filter):
+        def filter(self, record):
+            return "triggered tf.function retracing" not in record.getMessage()
+
+    logging.getLogger("tensorflow").addFilter(DropRetracing())
+
+
+def plain_keras_tuner_output() -> None:
+    """KerasTuner takes any process that has IPython installed for a notebook and then "clears the cell"
+    with terminal escape codes; outside IPython it means to print a blank line."""
+    from keras_tuner.src import utils
+
+    try:
+        import IPython
+
+        in_ipython = IPython.get_ipython() is not None
+    except ImportError:
+        in_ipython = False
+    if not in_ipython:
+        utils.IS_NOTEBOOK = False
+
+
+def show_trial_values(tuner, space: SearchSpace, base: Config) -> None:
+    """KerasTuner prints each trial's raw hyperparameters (with Hyperband's 0-based `tuner/trial_id`);
+    print them as trainer flags instead, with trial numbers as KerasTuner prints them ("Trial #1")."""
+    display = getattr(tuner.oracle, "_display", None)
+    if display is None:  # a worker of a distributed search: the chief's oracle prints
+        return
+
+    def show(trial):
+        hp = trial.hyperparameters
+        flags = as_flags(space.values(hp.copy()), base)
+        searched = ["filters", "dropout"] + [name for name, choices in (
+            ("dense_units", space.dense_units_choices), ("learning_rate", space.learning_rate_choices)) if choices]
+        line = "  ".join(f"--{name.replace('_', '-')} {flags[name]}" for name in searched)
+        if "tuner/trial_id" in hp.values:
+            line += (f"  (hyperband: continues trial {trial_number(hp.values['tuner/trial_id'])} for epochs "
+                     f"{hp.values['tuner/initial_epoch'] + 1}-{hp.values['tuner/epochs']})")
+        elif "tuner/epochs" in hp.values:
+            line += f"  (hyperband: {hp.values['tuner/epochs']} epochs)"
+        print(line)
+
+    display.show_hyperparameter_table = show
+
+
 def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int:
     args, space, base = parse(argv)  # exits 2 on a command-line error
     environ.update(distributed_environment(environ))
     # KerasTuner's own convention (its public variables): the tuner whose id contains "chief" runs the oracle.
     distributed = "KERASTUNER_ORACLE_IP" in environ
     is_chief = not distributed or "chief" in environ.get("KERASTUNER_TUNER_ID", "")
+    if args.tuner == "bayesian" and not all(importlib.util.find_spec(name) for name in ("scipy", "sklearn")):
+        raise TrainerError("--tuner bayesian needs scipy and scikit-learn: pip install 'mnist-trainer[bayesian]'")
     job_dir = os.path.abspath(args.job_dir)
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
-    if is_chief and os.path.exists(os.path.join(project_dir, "oracle.json")) and not (args.resume or args.overwrite):
-        raise TrainerError(f"--job-dir {args.job_dir}: a search already exists there ({project_dir}); pass "
-                           "--resume to continue it, --overwrite to start over, or choose another --job-dir")
+    if is_chief:
+        check_job_dir(args, search_settings(args, space, base), job_dir)
     os.makedirs(job_dir, exist_ok=True)
 
+    from trainer.errors import require_tensorflow
+
+    require_tensorflow()
+    quiet_cross_trial_retracing()
+    plain_keras_tuner_output()
     from trainer import data as data_lib
     from tuning import report
     from tuning.hypermodel import TrainerHyperModel
 
     splits = data_lib.load_splits(base)  # once, shared by every trial of this process
     hypermodel = TrainerHyperModel(base, space, splits, job_dir)
-    tuner = make_tuner(args, hypermodel, project_dir, overwrite=args.overwrite and is_chief)
+    tuner = make_tuner(args, hypermodel, project_dir)
+    show_trial_values(tuner, space, base)
     tuner.search()
     if not is_chief:
         return 0
