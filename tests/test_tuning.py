@@ -286,3 +286,30 @@ def test_vertex_cluster_spec_becomes_keras_tuner_roles():
     spec["task"] = {"type": "workerpool0", "index": 0}
     assert distributed_environment({"CLUSTER_SPEC": json.dumps(spec)})["KERASTUNER_TUNER_ID"] == "chief"
     assert distributed_environment({}) == {}
+
+
+def test_two_searches_into_one_job_dir_one_proceeds_the_other_names_it(digits_idx, tmp_path):
+    """The first search holds the job-dir lock from before TensorFlow loads; a second one started meanwhile
+    is refused at once (nothing of the first is touched); killing the holder frees the folder."""
+    import time
+
+    job_dir = str(tmp_path / "job")
+    args = ["--tuner", "random", "--max-trials", "2", "--epochs", "1", "--dataset", f"idx:{digits_idx}",
+            "--train-limit", "600", "--preset", "seed", "--job-dir", job_dir]
+    first = subprocess.Popen([sys.executable, "-m", "tuning.task", *args], cwd=ROOT_DIR, env=trainer_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock, deadline = os.path.join(job_dir, ".lock"), time.monotonic() + 60
+        while not (os.path.isfile(lock) and os.path.getsize(lock)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        result = main_in_fresh_interpreter("tuning.task", args + ["--overwrite"])
+        assert result["code"] == 1
+        last = result["err"].strip().splitlines()[-1]
+        assert f"--job-dir {job_dir}: another run is writing there (pid {first.pid} on " in last, result["err"]
+        assert first.poll() is None, "the first search must be running on, untouched"
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    from trainer import joblock
+
+    joblock.acquire(job_dir).release()  # a killed holder leaves no lock behind

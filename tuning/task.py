@@ -307,10 +307,22 @@ def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int
         raise TrainerError("--tuner bayesian needs scipy and scikit-learn: pip install 'mnist-trainer[bayesian]'")
     job_dir = os.path.abspath(args.job_dir)
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
-    if is_chief:
-        check_job_dir(args, search_settings(args, space, base), job_dir)
     os.makedirs(job_dir, exist_ok=True)
+    lock = None
+    if is_chief:  # one search per job dir: the job dir is checked (and --overwrite applied) under the lock
+        from trainer import joblock
 
+        lock = joblock.acquire(job_dir)
+    try:
+        if is_chief:
+            check_job_dir(args, search_settings(args, space, base), job_dir)
+        return _search(args, space, base, job_dir, project_dir, is_chief)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _search(args, space, base, job_dir: str, project_dir: str, is_chief: bool) -> int:
     from trainer.errors import require_tensorflow
 
     require_tensorflow()
