@@ -167,7 +167,7 @@ def profile(frame, event, arg):
     if event != "call":
         return
     if (code.co_name == "tf__train_steps"  # autograph's version of train_steps: runs once per tracing
-            or code.co_name == "predict" and code.co_filename.endswith("train.py")
+            or code.co_name == "predict" and code.co_filename.endswith("steps.py")
             or code.co_name == "fit" and code.co_filename.endswith("hypermodel.py")):
         events.append(code.co_name)
 
