@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("auto", "off", "bf16", "fp16")
+JIT_COMPILE = ("auto", "on", "off")
 CLASS_NAME_SETS = {
     "digits": tuple(str(d) for d in range(10)),
     "fashion": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -121,6 +122,7 @@ class Config:
     tpu: Optional[str] = None
     cpu_devices: int = 0
     mixed_precision: str = "auto"
+    jit_compile: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     steps_per_execution: int = 20
@@ -196,6 +198,7 @@ def validate(config: Config) -> None:
     require(config.mixed_precision in MIXED_PRECISION,
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
+    require(config.jit_compile in JIT_COMPILE, f"--jit-compile must be one of {', '.join(JIT_COMPILE)}")
     require(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}")
     if config.dataset.startswith("idx:"):
         require(len(config.idx_dir) > 0, "--dataset idx: needs a folder, e.g. idx:/usr/share/datasets/fashion-mnist")
@@ -327,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "without accelerators (a way to try distribution on a laptop)")
     dist.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto",
                       help="auto: bf16 on TPU, fp16 (with loss scaling) on GPU, off on CPU; outputs stay float32")
+    dist.add_argument("--jit-compile", choices=JIT_COMPILE, default="auto",
+                      help="XLA-compile the train and predict steps: auto = implicit on TPU, on for GPU, off on "
+                           "CPU (slower there, measured; README)")
     dist.add_argument("--intra-op-threads", type=int, default=0,
                       help="threads inside one op (0: all cores on a CPU-only host, else TensorFlow's choice)")
     dist.add_argument("--inter-op-threads", type=int, default=0,
@@ -409,6 +415,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             tpu=args.tpu,
             cpu_devices=args.cpu_devices,
             mixed_precision=args.mixed_precision,
+            jit_compile=args.jit_compile,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
             steps_per_execution=args.steps_per_execution,

@@ -261,7 +261,7 @@ def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoch: int,
-                  input_context=None, skip_steps: int = 0):
+                  input_context=None, skip_steps: int = 0, augment: str = "none"):
     """One epoch of shuffled, batched, decoded training data for one input pipeline.
 
     The epoch's permutation is drawn in numpy and cut into index batches; each batch is gathered from
@@ -269,7 +269,8 @@ def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoc
     the first step). Pipelines take strided shares of the permutation (explicit sharding, no AUTO
     policy); batches are per replica with a fixed size (static shapes, the same step count on every
     worker). The seed and epoch fix the order, so a resumed run sees what an uninterrupted one would;
-    `skip_steps` resumes mid-epoch.
+    `skip_steps` resumes mid-epoch. `augment` (shift, shift-flip) applies trainer.augment to each batch
+    with a seed from (seed, epoch, batch number), so augmented batches are reproducible too.
     """
     import tensorflow as tf
 
@@ -281,13 +282,20 @@ def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoc
     steps = steps_per_epoch(tensors.size, global_batch_size, num_pipelines)
     order = epoch_order(tensors.size, seed, epoch)[pipeline_id::num_pipelines]
     order = order[:steps * batches_per_step * batch].reshape(steps * batches_per_step, batch)
-    order = order[skip_steps * batches_per_step:]
+    batch_numbers = np.arange(len(order)) * num_pipelines + pipeline_id  # unique over all pipelines
+    order, batch_numbers = order[skip_steps * batches_per_step:], batch_numbers[skip_steps * batches_per_step:]
     images, labels = tensors.images, tensors.labels
 
-    def gather(index):
-        return _decode(tf.gather(images, index), tf.gather(labels, index))
+    def gather(index, number):
+        batch_images, batch_labels = _decode(tf.gather(images, index), tf.gather(labels, index))
+        if augment != "none":
+            from trainer.augment import batch_seed, shift_and_flip
 
-    dataset = tf.data.Dataset.from_tensor_slices(order.astype(np.int32))
+            batch_images = shift_and_flip(tf.ensure_shape(batch_images, [batch, 28, 28, 1]),
+                                          batch_seed(seed, epoch, number), flip=augment == "shift-flip")
+        return batch_images, batch_labels
+
+    dataset = tf.data.Dataset.from_tensor_slices((order.astype(np.int32), batch_numbers.astype(np.int64)))
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 

@@ -87,6 +87,25 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(staged, path)
 
 
+def serving_signature():
+    """The one input of `serving_default`: raw uint8 pixels, any batch size."""
+    import tensorflow as tf
+
+    return [tf.TensorSpec([None, 28, 28], tf.uint8, name="image")]
+
+
+def serving_function(model):
+    """The `serving_default` computation: uint8 images [N, 28, 28] -> classes and probabilities."""
+    import tensorflow as tf
+
+    def serve(image):
+        pixels = tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0
+        probabilities = model(pixels, training=False)
+        return {"classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64), "probabilities": probabilities}
+
+    return serve
+
+
 def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
     """SavedModel (`serving_default`: uint8 image [N,28,28] -> classes [N] int64, probabilities [N,10])."""
     import keras
@@ -97,16 +116,9 @@ def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
     os.makedirs(parent, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.partial-{os.getpid()}-", dir=parent)
     try:
-        def serve(image):
-            pixels = tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0
-            probabilities = model(pixels, training=False)
-            return {"classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64),
-                    "probabilities": probabilities}
-
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint(name="serving_default", fn=serve,
-                             input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8, name="image")])
+        archive.add_endpoint(name="serving_default", fn=serving_function(model), input_signature=serving_signature())
         archive.write_out(staged, verbose=False)
         model.save(os.path.join(staged, KERAS_FILE))
         with open(os.path.join(staged, CLASS_NAMES_FILE), "w") as out:

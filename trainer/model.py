@@ -1,8 +1,9 @@
 """build_model(config): the seed CNN, parameterised by conv filters, dense units and dropout.
 
 Conv2D(f, 3, relu) (x convs_per_block) + MaxPool(2) per entry of `filters`, then Flatten,
-Dense(dense_units, relu), Dropout(dropout), Dense(10, softmax); optional batch normalisation and
-training-time augmentation layers. Input named `image`: float32 [N, 28, 28, 1] in [0, 1].
+Dense(dense_units, relu), Dropout(dropout), Dense(10, softmax); optional batch normalisation.
+Augmentation is not part of the model: it happens in the input pipeline (trainer.augment), so the
+exported model never augments. Input named `image`: float32 [N, 28, 28, 1] in [0, 1].
 The model knows nothing about data or strategies; build it inside `strategy.scope()`.
 """
 
@@ -57,7 +58,7 @@ def batch_norm_momentum(steps_per_epoch: int) -> float:
 def build_model(config, bn_momentum: float = 0.9):
     """A Keras Functional model; the output layer computes in float32 whatever the policy.
 
-    With the seed's settings (one valid conv per block, no batch norm, no augmentation) this is exactly
+    With the seed's settings (one valid conv per block, no batch norm) this is exactly
     the seed notebook's network. Batch normalisation uses momentum 0.9 so that its moving averages keep
     up in short runs (with 0.99 a warmed-up model can evaluate at chance after the first epoch); the
     trainer lowers it further for short epochs (see `batch_norm_momentum`).
@@ -67,11 +68,6 @@ def build_model(config, bn_momentum: float = 0.9):
     check_fits(config)  # a clear error before Keras reports a negative dimension
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
     x = inputs
-    if config.augment != "none":  # active only in training calls; the exported model ignores it
-        x = keras.layers.RandomTranslation(2 / IMAGE_SIZE, 2 / IMAGE_SIZE, fill_mode="constant",
-                                           seed=config.seed, name="random_shift")(x)
-        if config.augment == "shift-flip":
-            x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="random_flip")(x)
     for block, filters in enumerate(config.filters, start=1):
         for conv in range(1, config.convs_per_block + 1):
             name = f"conv{block}" if config.convs_per_block == 1 else f"conv{block}_{conv}"

@@ -77,8 +77,9 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
     return TrainState(model, optimizer, epoch, step, checkpoint)
 
 
-def make_train_function(strategy, model, optimizer, global_batch_size: int):
-    """`train_steps(iterator, num_steps)` -> (sum of per-example losses, number correct) over the steps."""
+def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_compile: Optional[bool] = None):
+    """`train_steps(iterator, num_steps)` -> (sum of per-example losses, number correct) over the steps;
+    with `jit_compile` each replica's step is XLA-compiled."""
     import keras
     import tensorflow as tf
 
@@ -93,11 +94,15 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int):
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
         return tf.reduce_sum(per_example), tf.reduce_sum(correct)
 
+    # XLA compiles the step on each replica; the loop around it pulls from the input iterator, which XLA
+    # cannot compile (on a TPU, TPUStrategy compiles what strategy.run runs in any case).
+    step = tf.function(replica_step, jit_compile=True) if jit_compile else replica_step
+
     @tf.function
     def train_steps(iterator, num_steps):
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for _ in tf.range(num_steps):
-            per_replica_loss, per_replica_correct = strategy.run(replica_step, args=next(iterator))
+            per_replica_loss, per_replica_correct = strategy.run(step, args=next(iterator))
             loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_loss, axis=None)
             correct += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica_correct, axis=None)
         return loss_sum, correct
@@ -105,11 +110,12 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int):
     return train_steps
 
 
-def make_predict_function(model):
+def make_predict_function(model, jit_compile: Optional[bool] = None):
     """float32 probabilities for float images [N, 28, 28, 1], inference mode."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False)
+    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False,
+                 jit_compile=jit_compile)
     def predict(images):
         return tf.cast(model(images, training=False), tf.float32)
 

@@ -33,6 +33,7 @@ class Extras:
     observers: Sequence[observers_lib.Observer] = ()
     initial_weights: Optional[list] = None
     evaluate_and_export: bool = True
+    jit_compile: Optional[bool] = None  # the resolved --jit-compile
 
 
 def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None, resolved=None, log=print,
@@ -55,23 +56,19 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
 
         configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
         resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu)
-    from trainer.distribute import mixed_precision_policy
+    from trainer.distribute import jit_compile_setting, mixed_precision_policy
 
     policy = mixed_precision_policy(config.mixed_precision, resolved)
+    extras = Extras(tuple(observers), initial_weights, evaluate_and_export, jit_compile_setting(config.jit_compile,
+                                                                                                resolved))
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return _run(config, splits, resolved, policy, log, Extras(tuple(observers), initial_weights,
-                                                                  evaluate_and_export))
+        return _run(config, splits, resolved, policy, log, extras)
     finally:
         keras.mixed_precision.set_global_policy("float32")  # process-wide: leave it as found
 
 
 def _run(config: Config, splits, resolved, policy: str, log, extras: Extras) -> dict:
-    if resolved.name == "tpu" and config.augment != "none":
-        # Keras' RandomTranslation/RandomFlip use ImageProjectiveTransformV3, which XLA (every TPU step)
-        # cannot compile in TensorFlow 2.20 (tensorflow/tensorflow#100865): refuse before any work.
-        raise TrainerError(f"--augment {config.augment} cannot run on a TPU (XLA has no kernel for the image "
-                           "transform it uses in TensorFlow 2.20); pass --augment none")
     if config.batch_size % resolved.num_replicas:
         raise TrainerError(f"--batch-size {config.batch_size} is not divisible by the {resolved.num_replicas} "
                            f"replicas of the {resolved.name} strategy")
@@ -91,7 +88,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                            "examples; lower it or raise --train-limit")
     log(f"dataset {splits.name}: {len(splits.train[0])} train, {len(splits.validation[0])} validation, "
         f"{len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
-        f"replica(s){', ' + policy if policy != 'float32' else ''}; {steps} steps of {config.batch_size} per epoch")
+        f"replica(s){', ' + policy if policy != 'float32' else ''}{', XLA' if extras.jit_compile else ''}; "
+        f"{steps} steps of {config.batch_size} per epoch")
 
     state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights)
     checkpoints = Checkpoints(config, outputs, state.checkpoint, steps)
@@ -99,13 +97,13 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     initial_epoch, initial_step = checkpoints.position
     if initial_epoch or initial_step:
         log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
-    predict = steps_lib.make_predict_function(state.model)
+    predict = steps_lib.make_predict_function(state.model, extras.jit_compile)
     summaries = observers_lib.Summaries(outputs.log_dir, config.to_dict(), outputs.sync_logs)
     observers = observers_lib.Observers([
         summaries, observers_lib.Console(config.epochs, log), observers_lib.Hypertune() if config.hypertune else None,
         observers_lib.Profiler(config.profile_steps, outputs.log_dir), *extras.observers])
     try:
-        trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict)
+        trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile)
     except steps_lib.Diverged as diverged:
         raise TrainerError(f"training diverged: {diverged}; nothing was exported and the last good checkpoint "
                            f"is kept ({checkpoints.latest or 'none yet'}); the likely cause is a learning rate too "
@@ -120,11 +118,12 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                                 summaries, log)
 
 
-def _fit(config: Config, splits, resolved, state, checkpoints, history, observers, predict) -> dict:
+def _fit(config: Config, splits, resolved, state, checkpoints, history, observers, predict, jit_compile) -> dict:
     """The epochs: train, validate, save, tell the observers; raises Interrupted after a stop signal."""
     initial_epoch, initial_step = checkpoints.position
     steps = checkpoints.steps_per_epoch
-    train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer, config.batch_size)
+    train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer, config.batch_size,
+                                                jit_compile)
     train_tensors = data_lib.TrainTensors(*splits.train)
     trained = dict(seconds=0.0, examples=0, val_predictions=None)
     observers.on_train_begin(state.model, initial_epoch)
@@ -133,7 +132,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             first = initial_step if epoch == initial_epoch else 0
             iterator = iter(resolved.strategy.distribute_datasets_from_function(
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
-                    train_tensors, config.batch_size, config.seed, epoch, context, first)))
+                    train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment)))
             observers.on_epoch_begin(epoch)
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
                                          config.batch_size, observers, stop)

@@ -1,0 +1,41 @@
+"""Training-time augmentation as plain, XLA-compilable tensor ops: random shifts of up to 2 pixels and
+(for clothing) horizontal flips.
+
+Keras' RandomTranslation uses ImageProjectiveTransformV3, which XLA cannot compile, so it could not run
+on a TPU. Here a batch is zero-padded by MAX_SHIFT on each side and every example takes its own 28x28
+window through two batched gathers (static shapes throughout); flips are a per-example select. The
+randomness is stateless: it comes only from a seed pair the input pipeline derives from (seed, epoch,
+batch), so a resumed run sees exactly the batches an uninterrupted one would. It runs in the host's
+tf.data pipeline (what Keras advises for TPUs); the model, the export and evaluation never augment.
+"""
+
+from __future__ import annotations
+
+MAX_SHIFT = 2
+
+
+def batch_seed(seed: int, epoch: int, batch_index):
+    """The stateless seed pair of one batch: batch_index counts the epoch's batches over all pipelines."""
+    import tensorflow as tf
+
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) * (1 << 32) + tf.cast(batch_index, tf.int64)])
+
+
+def shift_and_flip(images, seed, flip: bool = False, max_shift: int = MAX_SHIFT):
+    """images float [B, H, W, C] (static shape) -> each example shifted by its own (dy, dx) in
+    [-max_shift, max_shift], the uncovered border zero; with `flip`, each mirrored left-right with
+    probability 1/2. `seed` is a [2] integer tensor."""
+    import tensorflow as tf
+
+    batch, height, width, _ = images.shape
+    offsets = tf.random.stateless_uniform([batch, 2], seed=seed, minval=0, maxval=2 * max_shift + 1, dtype=tf.int32,
+                                           alg="philox")
+    padded = tf.pad(images, [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[tf.newaxis]  # [B, H]: the padded rows each example keeps
+    cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]  # [B, W]
+    shifted = tf.gather(padded, rows, axis=1, batch_dims=1)  # [B, H, W + 2 * max_shift, C]
+    shifted = tf.gather(shifted, cols, axis=2, batch_dims=1)  # [B, H, W, C]
+    if flip:
+        mirror = tf.random.stateless_uniform([batch], seed=seed[::-1], dtype=tf.float32, alg="philox") < 0.5
+        shifted = tf.where(mirror[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(shifted, axis=[2]), shifted)
+    return shifted
