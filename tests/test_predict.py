@@ -136,6 +136,19 @@ def test_specks_of_dust_do_not_move_the_digit(image_set, tmp_path):
     assert correlation(load_image(str(tmp_path / "dusty.png")), load_image(paths["photo"][4])) > 0.98
 
 
+def test_a_photo_stored_sideways_is_turned_by_its_exif_orientation(image_set, tmp_path):
+    from PIL import Image
+
+    from trainer.predict import load_image
+
+    paths, _ = image_set
+    sideways = Image.open(paths["photo"][7]).rotate(90, expand=True)  # as a phone held in portrait stores it
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    sideways.save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    assert correlation(load_image(str(tmp_path / "sideways.jpg")), load_image(paths["photo"][7])) > 0.9
+
+
 def test_images_without_ink_are_refused(tmp_path):
     from trainer.errors import TrainerError
     from trainer.predict import load_image
