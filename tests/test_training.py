@@ -1,4 +1,4 @@
-"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, prediction, determinism."""
+"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, determinism (trainer.predict: test_predict.py)."""
 
 import glob
 import json
@@ -104,48 +104,6 @@ def test_tensorboard_logs_have_the_documented_runs_and_tags(seed_run):
     assert accuracy == [1, 2, 3, 4, 5, 6]
     last = float(tf.make_ndarray(validation.Tensors("epoch_accuracy")[-1].tensor_proto))
     assert last == pytest.approx(metrics["history"][-1]["val_accuracy"], abs=1e-6)
-
-
-def _write_inverted_off_centre_png(path, image):
-    from PIL import Image
-
-    big = Image.fromarray(255 - image).resize((84, 84), Image.BILINEAR)  # black on white, 3x larger
-    canvas = Image.new("L", (200, 130), 255)
-    canvas.paste(big, (100, 10))  # far off-centre
-    canvas.convert("RGB").save(path)
-
-
-def test_predict_names_the_right_digits_from_ordinary_pngs(seed_run, digits, tmp_path):
-    import tensorflow as tf
-
-    job_dir, _, _ = seed_run
-    model_dir = os.path.join(job_dir, "model")
-    serving = tf.saved_model.load(model_dir).signatures["serving_default"]
-    images, labels = digits[0][4000:4100], digits[1][4000:4100]
-    raw_classes = serving(image=tf.constant(images))["classes"].numpy()
-    chosen = [i for i in range(100) if raw_classes[i] == labels[i]][:8]  # ones the model gets right as 28x28
-    paths = []
-    for i in chosen:
-        paths.append(str(tmp_path / f"digit_{i}.png"))
-        _write_inverted_off_centre_png(paths[-1], images[i])
-    result = subprocess.run([sys.executable, "-m", "trainer.predict", "--model-dir", model_dir, *paths],
-                            cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == len(chosen)
-    for line, i in zip(lines, chosen):
-        path, predicted, probability = line.split("\t")
-        assert path.endswith(f"digit_{i}.png")
-        assert int(predicted.split()[0]) == labels[i], line
-        assert 0.0 < float(probability) <= 1.0
-
-
-def test_predict_reports_a_missing_image_clearly(seed_run, tmp_path):
-    from trainer import predict
-
-    job_dir, _, _ = seed_run
-    assert predict.main(["--model-dir", os.path.join(job_dir, "model"), str(tmp_path / "nope.png")]) == 1
-    assert predict.main(["--model-dir", str(tmp_path), str(tmp_path / "nope.png")]) == 1
 
 
 def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):

@@ -1,8 +1,26 @@
 """`python -m trainer.predict --model-dir DIR image.png ...`: one line per image, class, name, probability.
 
-Images of any size, colour or polarity are brought to MNIST's form first: grayscale, white on black,
-the object's bounding box scaled to fit 20x20 (aspect kept), then placed in 28x28 so its centre of
-mass sits at the centre.
+Images are brought to MNIST's form first, whatever they are: a scan, a phone photo of a digit on paper
+(uneven lighting, noise, coloured ink, JPEG), a transparent canvas export, white on black or black on white.
+
+1. Read: EXIF orientation applied, 16-bit grey scaled to 8 bits, transparency composited over a background
+   that contrasts with the ink (black ink on alpha 0 goes over white), large photos reduced to at most
+   `WORK_SIDE` pixels a side.
+2. Separate ink from background: each colour channel's background (the paper and its lighting gradient)
+   is a quadratic surface fitted through the paper's level in overlapping windows (a high percentile, so
+   ink covering most of a window does not count), then subtracted. Both polarities are tried (dark ink on
+   light paper, light on dark); the right one leaves most pixels within the noise of the paper and none
+   beyond it. The ink's contrast is its largest difference from the background in any channel, so blue,
+   red or pencil ink all count.
+3. Threshold: Otsu's method on the (lightly smoothed) contrast, never below a noise floor measured on
+   the image itself; specks far smaller than the main strokes are dropped. Grey levels are kept: contrast
+   is ramped from the noise floor to the ink's typical contrast, so strokes stay anti-aliased as in MNIST.
+   No ink at all (blank paper, one colour) is an error, never a class.
+4. As MNIST was made: the ink's bounding box scaled to fit 20x20 (aspect kept), placed in 28x28 so its
+   centre of mass sits at the centre, white on black.
+
+`--model-dir gs://...` is read through `trainer.storage` (downloaded once into the local cache) and only
+when its `_SUCCESS` object says the model is complete. `--show PATH` writes the 28x28 inputs as one PNG.
 """
 
 from __future__ import annotations
@@ -10,27 +28,243 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from trainer.errors import TrainerError, require_tensorflow
 
+WORK_SIDE = 512  # photos are reduced to this many pixels a side at most before the ink is looked for
+MIN_NOISE_FLOOR = 12.0  # grey levels: contrast below this is never ink, even on a perfectly flat image
+MIN_INK_CONTRAST = 32.0  # grey levels: ink fainter than this against its background is "no ink"
+MIN_INK_PIXELS = 6  # fewer pixels above the threshold than this is no ink
+SPECK_FRACTION = 0.05  # connected pieces of ink smaller than this share of the largest piece are dropped
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-def to_mnist(image) -> np.ndarray:
-    """A PIL image -> uint8 [28, 28], white object on black, as MNIST was made."""
+
+class NoInk(TrainerError):
+    """The image has nothing that stands out from its background."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def _reduce(image):
+    """Shrink a large image to at most WORK_SIDE a side (JPEG already decodes smaller: see `load_image`)."""
+    if image.mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
+    elif image.mode.startswith("I;16"):
+        image = image.convert("I")
+    factor = -(-max(image.size) // WORK_SIDE)
+    return image.reduce(factor) if factor > 1 else image
+
+
+def _has_alpha(image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Put transparent pixels on a background that contrasts with the ink (white under dark ink)."""
+    weight = alpha.sum()
+    if weight == 0:
+        return np.full_like(rgb, 255.0)  # nothing opaque: nothing to see
+    ink_luma = float((rgb @ LUMA * alpha).sum() / weight)
+    background = 255.0 if ink_luma < 128 else 0.0
+    return rgb * alpha[..., None] + background * (1.0 - alpha[..., None])
+
+
+def image_to_rgb(image) -> np.ndarray:
+    """A PIL image -> float32 [H, W, 3] in 0..255, opaque, at most WORK_SIDE a side."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    image = _reduce(image)
+    if image.mode in ("I", "F"):
+        gray = np.asarray(image, dtype=np.float32)
+        if gray.max() > 255:
+            gray = gray * (255.0 / 65535.0)  # 16-bit samples
+        elif image.mode == "F" and gray.max() <= 1.0:
+            gray = gray * 255.0
+        return np.repeat(np.clip(gray, 0, 255)[..., None], 3, axis=2)
+    if _has_alpha(image):
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+        return _composite(rgba[..., :3], rgba[..., 3] / 255.0)
+    return np.asarray(image.convert("RGB"), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------- ink versus background
+
+def _block_mean(plane: np.ndarray, side: int) -> np.ndarray:
+    """Average-pool a plane down to at most `side` pixels a side (for the background fit)."""
     from PIL import Image
 
-    gray = np.asarray(image.convert("L"), dtype=np.float32)
-    def border(pixels):
-        return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    height, width = plane.shape
+    scale = min(1.0, side / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size == (width, height):
+        return plane
+    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize(size, Image.BOX), dtype=np.float32)
 
-    if np.median(border(gray)) > 127:  # dark ink on a light background: invert
-        gray = 255.0 - gray
-    gray = np.clip(gray - np.median(border(gray)), 0, 255)  # background to exactly black
-    mask = gray > 0.1 * gray.max() if gray.max() > 0 else np.zeros_like(gray, dtype=bool)
-    if not mask.any():
-        return np.zeros((28, 28), dtype=np.uint8)
+
+def _quadratic_terms(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[N, 6] terms of a quadratic surface at positions y, x (each scaled to -1..1 across the image)."""
+    y, x = np.ravel(y), np.ravel(x)
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1)
+
+
+def _grid(height: int, width: int) -> Tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    return 2 * y / max(height - 1, 1) - 1, 2 * x / max(width - 1, 1) - 1
+
+
+def noise_sigma(plane: np.ndarray) -> float:
+    """The pixel noise of a plane, from differences of pixels 3 apart in a row (3, because JPEG smooths
+    noise over neighbours); their lower quartile, which pairs of paper pixels reach even around much ink."""
+    differences = np.abs(plane[:, 3:] - plane[:, :-3])
+    # |difference| of two equal-noise pixels is half-normal with scale sigma*sqrt(2); its quartile is 0.3186x that
+    return float(np.percentile(differences, 25)) / (0.3186 * np.sqrt(2)) if differences.size else 0.0
+
+
+def background(plane: np.ndarray, dark_ink: bool = True) -> np.ndarray:
+    """The smooth background of one channel (paper and its lighting) under ink darker (or lighter) than it.
+
+    The paper's level is read in 12x12 overlapping squares a third of the image's length a side, as their
+    90th percentile (10th for light ink): where ink covers less than 90% of a window, that is paper, a
+    little above its middle. A quadratic surface is fitted through those levels and refitted without the
+    windows far from it, then lowered onto the middle of the pixels near it (the paper's own).
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    flip = 1.0 if dark_ink else -1.0
+    small = flip * _block_mean(plane, 64)
+    height, width = small.shape
+    side = -(-max(height, width) // 3)
+    window = (min(side, height), min(side, width))
+    tops = np.unique(np.linspace(0, height - window[0], 12).round().astype(int))
+    lefts = np.unique(np.linspace(0, width - window[1], 12).round().astype(int))
+    windows = sliding_window_view(small, window)[tops][:, lefts]
+    level = np.percentile(windows.reshape(len(tops), len(lefts), -1), 90, axis=-1).ravel()
+    y, x = _grid(height, width)
+    centre_y = np.array([y[top:top + window[0], 0].mean() for top in tops])
+    centre_x = np.array([x[0, left:left + window[1]].mean() for left in lefts])
+    terms = _quadratic_terms(*np.meshgrid(centre_y, centre_x, indexing="ij"))
+    keep = np.ones(level.shape, dtype=bool)
+    for _ in range(3):  # windows that read ink anyway (a bold stroke, a speck) are dropped
+        coefficients = np.linalg.lstsq(terms[keep], level[keep], rcond=None)[0]
+        residual = level - terms @ coefficients
+        keep = np.abs(residual) <= 3 * max(1.4826 * float(np.median(np.abs(residual[keep]))), 0.5)
+    residual = small - (_quadratic_terms(y, x) @ coefficients).reshape(small.shape)
+    noise = noise_sigma(small)
+    paper = residual[(residual >= -6 * noise - 1) & (residual <= 3 * noise + 1)]
+    coefficients[0] += float(np.median(paper)) if paper.size else 0.0
+    return flip * (_quadratic_terms(*_grid(*plane.shape)) @ coefficients).reshape(plane.shape).astype(np.float32)
+
+
+def _box3(plane: np.ndarray) -> np.ndarray:
+    padded = np.pad(plane, 1, mode="edge")
+    height, width = plane.shape
+    return sum(padded[r:r + height, c:c + width] for r in range(3) for c in range(3)) / 9.0
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a boolean mask by `radius` pixels (a square neighbourhood)."""
+    out = mask
+    for axis in (0, 1):
+        padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)])
+        length = out.shape[axis]
+        out = np.logical_or.reduce([np.take(padded, np.arange(s, s + length), axis=axis)
+                                    for s in range(2 * radius + 1)])
+    return out
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """The level that best splits `values` into two classes (Otsu's method: maximal between-class variance)."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return high
+    counts, edges = np.histogram(values, bins=bins, range=(low, high))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_below = np.cumsum(counts)
+    weight_above = weight_below[-1] - weight_below
+    mass_below = np.cumsum(counts * centres)
+    mean_below = mass_below / np.maximum(weight_below, 1)
+    mean_above = (mass_below[-1] - mass_below) / np.maximum(weight_above, 1)
+    between = weight_below * weight_above * (mean_below - mean_above) ** 2
+    return float(edges[1:][int(np.argmax(between))])
+
+
+def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """8-connected pieces of a mask: (label image, 0 = none; pixel count per label, index 0 unused)."""
+    parent: List[int] = [0]
+
+    def find(label: int) -> int:
+        while parent[label] != label:
+            parent[label] = parent[parent[label]]
+            label = parent[label]
+        return label
+
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    previous: List[Tuple[int, int, int]] = []  # (start, end, label) runs of the row above
+    for row in range(mask.shape[0]):
+        line = np.concatenate([[False], mask[row], [False]])
+        changes = np.flatnonzero(line[1:] != line[:-1])
+        runs = []
+        for start, end in zip(changes[::2], changes[1::2]):
+            touching = [find(label) for s, e, label in previous if s <= end and e >= start]
+            if touching:
+                label = min(touching)
+                for other in touching:
+                    parent[other] = label
+            else:
+                label = len(parent)
+                parent.append(label)
+            labels[row, start:end] = label
+            runs.append((start, end, label))
+        previous = runs
+    roots = np.array([find(label) for label in range(len(parent))], dtype=np.int32)
+    labels = roots[labels]
+    return labels, np.bincount(labels.ravel(), minlength=len(parent))
+
+
+def ink(rgb: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3] 0..255 -> ink strength [H, W] in 0..1 (0 = background), anti-aliased.
+
+    Raises NoInk when nothing stands out from the background.
+    """
+    luma = rgb @ LUMA
+    noise = noise_sigma(luma)
+    # Polarity (dark ink on light paper, or the reverse): under the right one most pixels lie within the
+    # noise of the background (the paper) and hardly any beyond it on the side away from the ink; under the
+    # wrong one the background is dragged towards the ink, and the ink lies beyond the paper.
+    band = max(4 * noise, MIN_NOISE_FLOOR)
+    score = {}
+    for dark in (True, False):
+        away_from_ink = (luma - background(luma, dark)) * (1 if dark else -1)
+        score[dark] = int((np.abs(away_from_ink) <= band).sum()) - int((away_from_ink > band).sum())
+    dark = score[True] >= score[False]
+    residual = np.stack([rgb[..., c] - background(rgb[..., c], dark) for c in range(3)], axis=-1)
+    contrast = np.clip(((-1.0 if dark else 1.0) * residual).max(axis=-1), 0, None)
+    smooth = _box3(contrast)
+    floor = max(MIN_NOISE_FLOOR, 4.0 * noise)
+    mask = smooth > max(otsu_threshold(smooth), floor)
+    if mask.sum() < MIN_INK_PIXELS or float(np.percentile(contrast[mask], 90)) < MIN_INK_CONTRAST:
+        raise NoInk("no ink found: the image is blank or a single colour")
+    labels, sizes = _components(mask)
+    sizes[0] = 0
+    kept = np.isin(labels, np.flatnonzero(sizes >= SPECK_FRACTION * sizes.max()))
+    top = float(np.percentile(contrast[kept], 75))
+    strength = np.clip((contrast - floor) / max(top - floor, 1.0), 0, 1)
+    return (strength * _dilate(kept, 2)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ MNIST's framing
+
+def centre_like_mnist(strength: np.ndarray) -> np.ndarray:
+    """Ink strength [H, W] in 0..1 -> uint8 [28, 28]: box scaled to fit 20x20, centre of mass at the centre."""
+    from PIL import Image
+
+    gray = strength.astype(np.float32) * 255.0
+    mask = gray > 0.1 * gray.max()
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     scale = 20.0 / max(crop.shape)
@@ -39,7 +273,7 @@ def to_mnist(image) -> np.ndarray:
     resized = np.clip(resized, 0, 255)
     total = resized.sum()
     if total == 0:
-        return np.zeros((28, 28), dtype=np.uint8)
+        raise NoInk("no ink found: the image is blank or a single colour")
     centre_row = (resized.sum(axis=1) * np.arange(height)).sum() / total
     centre_col = (resized.sum(axis=0) * np.arange(width)).sum() / total
     top = int(round(14 - centre_row))
@@ -52,59 +286,179 @@ def to_mnist(image) -> np.ndarray:
     cols_n = min(width - src_left, 28 - dst_left)
     canvas[dst_top:dst_top + rows_n, dst_left:dst_left + cols_n] = \
         resized[src_top:src_top + rows_n, src_left:src_left + cols_n]
-    peak = canvas.max()
-    return np.round(canvas * (255.0 / peak)).astype(np.uint8) if peak > 0 else canvas.astype(np.uint8)
+    return np.round(canvas * (255.0 / canvas.max())).astype(np.uint8)
 
 
-def load_images(paths: Sequence[str]) -> np.ndarray:
+def to_mnist(image) -> np.ndarray:
+    """A PIL image -> uint8 [28, 28], white ink on black, as MNIST was made. Raises NoInk if blank."""
+    return centre_like_mnist(ink(image_to_rgb(image)))
+
+
+def load_image(path: str) -> np.ndarray:
+    """One image file -> uint8 [28, 28]; any fault is a TrainerError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
-    batch = []
-    for path in paths:
-        try:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                batch.append(to_mnist(image))
-        except FileNotFoundError:
-            raise TrainerError(f"{path}: no such file") from None
-        except (UnidentifiedImageError, OSError) as error:
-            raise TrainerError(f"{path}: not a readable image ({error})") from None
-    return np.stack(batch)
+                image.verify()  # every chunk's checksum, for PNG (decoding alone skips the pixel data's)
+            with Image.open(path) as image:
+                factor = max(image.size) // WORK_SIDE
+                if factor > 1:  # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away
+                    image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
+                image.load()
+                return to_mnist(image)
+    except FileNotFoundError:
+        raise TrainerError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TrainerError(f"{path}: a folder, not an image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TrainerError(f"{path}: refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, far too many for "
+                           f"a digit (a decompression bomb?)") from None
+    except UnidentifiedImageError:
+        raise TrainerError(f"{path}: not a readable image (an unknown format, or a corrupt header)") from None
+    except NoInk as error:
+        raise TrainerError(f"{path}: {error}") from None
+    except MemoryError:
+        raise TrainerError(f"{path}: too large to decode in memory") from None
+    except Exception as error:  # Pillow reports corrupt data as OSError, SyntaxError, ValueError, zlib.error...
+        raise TrainerError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
 
 
-def predict(model_dir: str, paths: Sequence[str]):
-    """[(path, class index, class name, probability)] for each image."""
-    from trainer.export import load_class_names
+# ------------------------------------------------------------------------------------ the model
 
+def local_model_dir(model_dir: str) -> str:
+    """A folder with the SavedModel on this machine: gs:// is copied into the cache once it is complete."""
+    from trainer import storage
+
+    if storage.is_gcs(model_dir):
+        url = model_dir.rstrip("/")
+        before = _success_generation(url)
+        if before is None:
+            raise TrainerError(f"--model-dir {url}: no {storage.SUCCESS_MARKER} object there, so no complete model "
+                               f"(a run writes it last, once the whole model is uploaded)")
+        try:
+            model_dir = storage.cached_copy(url)
+        except TrainerError as error:
+            raise TrainerError(f"--model-dir {url}: {error}") from None
+        except Exception as error:  # connection refused, DNS failure...
+            raise TrainerError(f"--model-dir {url}: cannot download it ({type(error).__name__})") from None
+        if _success_generation(url) != before:
+            raise TrainerError(f"--model-dir {url}: the model was replaced while it was being downloaded; run again")
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         raise TrainerError(f"--model-dir {model_dir}: no saved_model.pb there (point it at a run's model/ folder)")
-    images = load_images(paths)
-    tf = require_tensorflow()
+    return model_dir
 
-    serving = tf.saved_model.load(model_dir).signatures["serving_default"]
+
+def _success_generation(url: str) -> Optional[int]:
+    from trainer import storage
+
+    try:
+        marker = storage.list_objects(url).get(storage.SUCCESS_MARKER)
+    except TrainerError as error:
+        raise TrainerError(f"--model-dir {url}: {error}") from None
+    except Exception as error:
+        raise TrainerError(f"--model-dir {url}: cannot reach Cloud Storage ({type(error).__name__})") from None
+    return None if marker is None else int(marker.generation or 0)
+
+
+def classify(model_dir: str, images: np.ndarray) -> List[Tuple[int, str, float]]:
+    """uint8 [N, 28, 28] -> [(class index, class name, probability)] with the SavedModel in `model_dir`."""
+    from trainer.export import load_class_names
+
+    tf = require_tensorflow()
+    try:
+        serving = tf.saved_model.load(model_dir).signatures["serving_default"]
+    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
+        raise TrainerError(f"--model-dir {model_dir}: cannot load the SavedModel ({type(error).__name__})") from None
     outputs = serving(image=tf.constant(images))
     classes = outputs["classes"].numpy()
     probabilities = outputs["probabilities"].numpy()
     names = load_class_names(model_dir)
-    return [(path, int(c), names[int(c)], float(probabilities[i, c])) for i, (path, c) in
-            enumerate(zip(paths, classes))]
+    return [(int(c), names[int(c)], float(probabilities[i, c])) for i, c in enumerate(classes)]
+
+
+class Result(NamedTuple):
+    """One image's outcome: what the model saw and said, or why it could not look."""
+
+    path: str
+    pixels: Optional[np.ndarray] = None  # uint8 [28, 28], the model's input
+    error: Optional[TrainerError] = None
+    index: int = -1
+    name: str = ""
+    probability: float = 0.0
+
+
+def predict(model_dir: str, paths: Sequence[str]) -> List[Result]:
+    """One Result per path, in order; a bad image is a Result with its error, the others are still classified."""
+    model_dir = local_model_dir(model_dir)
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(Result(path, pixels=load_image(path)))
+        except TrainerError as error:
+            loaded.append(Result(path, error=error))
+    good = [result.pixels for result in loaded if result.error is None]
+    answers = iter(classify(model_dir, np.stack(good)) if good else [])
+    return [result if result.error else result._replace(**dict(zip(("index", "name", "probability"), next(answers))))
+            for result in loaded]
+
+
+def write_show(path: str, images: np.ndarray, captions: Sequence[str], zoom: int = 4, per_row: int = 10) -> None:
+    """The 28x28 inputs as the model saw them, zoomed, in a grid, each captioned, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    tile, caption_height, gap = 28 * zoom, 14, 4
+    rows = -(-len(images) // per_row)
+    columns = min(len(images), per_row)
+    sheet = Image.new("L", (columns * (tile + gap) + gap, rows * (tile + caption_height + gap) + gap), 96)
+    draw = ImageDraw.Draw(sheet)
+    for i, (pixels, caption) in enumerate(zip(images, captions)):
+        left = gap + (i % per_row) * (tile + gap)
+        top = gap + (i // per_row) * (tile + caption_height + gap)
+        sheet.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST), (left, top))
+        draw.text((left + 1, top + tile + 1), caption, fill=255)
+    try:
+        sheet.save(path, format="PNG")
+    except (OSError, ValueError) as error:
+        raise TrainerError(f"--show {path}: cannot write it ({error})") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.predict",
-                                     description="Classify images with an exported model.")
-    parser.add_argument("--model-dir", required=True, help="a run's model/ folder (SavedModel)")
+                                     description="Classify images of digits (photos, scans, canvas exports) "
+                                                 "with an exported model.")
+    parser.add_argument("--model-dir", required=True,
+                        help="a run's model/ folder (SavedModel), local or gs://BUCKET/.../model")
+    parser.add_argument("--show", metavar="PNG",
+                        help="also write the 28x28 inputs the model saw (one tile per readable image, in order, "
+                             "captioned 'number: class probability') to this PNG file")
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...), any size, colour or polarity")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        if args.show and not os.path.isdir(os.path.dirname(os.path.abspath(args.show))):
+            raise TrainerError(f"--show {args.show}: its folder does not exist")
         results = predict(args.model_dir, args.images)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    for path, index, name, probability in results:
-        label = f"{index} ({name})" if name != str(index) else str(index)
-        print(f"{path}\t{label}\t{probability:.4f}")
-    return 0
+    for result in results:
+        if result.error:
+            print(f"error: {result.error}", file=sys.stderr, flush=True)
+        else:
+            label = f"{result.index} ({result.name})" if result.name != str(result.index) else str(result.index)
+            print(f"{result.path}\t{label}\t{result.probability:.4f}", flush=True)
+    seen = [(number, result) for number, result in enumerate(results, start=1) if not result.error]
+    if args.show and seen:
+        try:
+            write_show(args.show, np.stack([result.pixels for _, result in seen]),
+                       [f"{number}: {result.name[:12]} {result.probability:.0%}" for number, result in seen])
+        except TrainerError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    return 0 if len(seen) == len(results) else 1
 
 
 if __name__ == "__main__":
