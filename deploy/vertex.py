@@ -11,8 +11,7 @@ image, by default the project's own image: Vertex AI's prebuilt TensorFlow image
 --job-dir becomes the job's base_output_directory, so AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and
 AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after -- go to python -m trainer.task (or
 tuning.task for a KerasTuner search) and are checked by that module's own parser before anything is
-printed or submitted. A tpu-* job adds --augment none unless the flags choose an augmentation (or
---preset seed): the trainer refuses random shifts on a TPU. --dry-run prints the request body as JSON,
+printed or submitted. A tpu-* job runs the same flags as any other. --dry-run prints the request body as JSON,
 only the fields it sets, and needs no credentials or network.
 Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API).
 """
@@ -168,9 +167,8 @@ def _without_option(argv: List[str], option: str) -> List[str]:
 
 def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[str]) -> List[str]:
     """Check the flags after -- with the parser of the module that will run them (TensorFlow-free, no I/O),
-    before anything is printed or submitted; returns the module's arguments. The trainer refuses random
-    shifts on a TPU, so a TPU job gets --augment none unless the flags say --augment none or --preset seed
-    (no augmentation) themselves, and any other --augment is refused here."""
+    before anything is printed or submitted; returns the module's arguments (a TPU job runs them as they
+    are: the trainer's augmentation compiles under XLA)."""
     from trainer.config import build_parser as trainer_parser
     from trainer.config import parse_config
 
@@ -209,12 +207,6 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
                 "--filters", choice.strip(), "--dropout", str(args.dropout_range.low)])
             if message:
                 parser.error(f"--filter-choices {choice.strip()!r}: {message}")
-    if TARGETS[args.target].variant == "tpu":
-        if given.augment not in (None, "none"):
-            refuse("trainer.task", f"--augment {given.augment} cannot run on a TPU with this trainer (XLA cannot "
-                                   "compile the image transform it uses); leave it out or pass --augment none")
-        if given.augment is None and given.preset != "seed":
-            module_args += ["--augment", "none"]
     return module_args
 
 

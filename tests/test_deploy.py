@@ -89,8 +89,7 @@ def test_every_target_dry_run_is_a_valid_custom_job(target):
     for pool in pools:
         assert pool.container_spec.image_uri.endswith("trainer:x")
         args = trainer_parses(list(pool.container_spec.args))
-        # the trainer refuses its random shifts on a TPU: a TPU job runs the default recipe without them
-        assert args.augment == ("none" if target.startswith("tpu") else None)
+        assert args.augment is None, "every target, TPUs included, runs the default recipe as it is"
     assert output_only_or_empty(CustomJob, json.loads(out)) == [], "only the fields the request sets"
 
 
@@ -164,7 +163,6 @@ def test_keras_tuner_search_is_one_custom_job_chief_plus_workers():
     ("tune --service keras-tuner", ["--dropout-range", "0.5:0.2"], "MIN 0.5 is above MAX 0.2"),
     ("tune --service vertex", ["--epochs", "0"], "flags after -- (for python -m trainer.task): --epochs must be"),
     ("tune --service vertex", ["--dropout", "0.3"], "--dropout is what the tuning service sets in every trial"),
-    ("train --target tpu-v5e", ["--augment", "shift"], "--augment shift cannot run on a TPU"),
 ])
 def test_bad_flags_after_the_double_dash_exit_2_before_anything_is_printed(command, flags, message):
     result = main_in_fresh_interpreter("deploy.vertex", [*command.split(), "--image", "img:x", *COMMON, "--", *flags])
@@ -204,16 +202,14 @@ def test_accelerator_count_is_honoured_where_it_fits_and_refused_elsewhere(flags
         assert (machine.accelerator_type.name, machine.accelerator_count) == accelerators
 
 
-@pytest.mark.parametrize("flags, augment", [([], ["--augment", "none"]), (["--preset", "seed"], []),
-                                            (["--augment", "none"], [])])
-def test_tpu_jobs_run_without_the_shifts_the_trainer_refuses_on_a_tpu(flags, augment):
+@pytest.mark.parametrize("flags", [[], ["--augment", "shift-flip"], ["--preset", "seed"]])
+def test_tpu_jobs_run_the_flags_as_given(flags):
+    """The augmentation compiles under XLA now (tests/test_xla.py): nothing is added or refused for a TPU."""
     from google.cloud.aiplatform_v1 import CustomJob
 
     code, out, err = vertex(["train", "--target", "tpu-v3", "--image", "img:x", *COMMON, "--", *flags])
     assert code == 0, err
-    args = list(CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.args)
-    assert args == flags + augment
-    assert trainer_parses(args).augment in ("none", None if "seed" in flags else "none")
+    assert list(CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.args) == flags
 
 
 def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
