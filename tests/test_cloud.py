@@ -239,3 +239,6 @@ def test_gs_model_dir_holding_other_files_is_refused(gcs, bucket, tmp_path):
         prepare_outputs(config)
     assert names(bucket, "shared/") == ["notes.txt"]
     assert not os.path.exists(tmp_path / "job" / ".lock"), "a refused run releases its lock"
+    # a publish cut short (some export files copied, no _SUCCESS yet) is still a model folder: reruns go on
+    bucket.blob("cut-short/model/class_names.json").upload_from_string(b"[]")
+    prepare_outputs(Config(job_dir=str(tmp_path / "job2"), model_dir="gs://mnist-runs/cut-short/model")).close()

@@ -120,6 +120,19 @@ def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tm
         outputs.close()
     assert sorted(os.listdir(os.path.join(job_dir, "checkpoints")))[:2] == ["checkpoint", "ckpt-10.data-00000-of-00001"]
 
+    run_config = os.path.join(job_dir, "checkpoints", "run_config.json")
+    with open(run_config) as handle:
+        saved = json.load(handle)
+    assert saved.pop("checkpoint_format") == 2
+    with open(run_config, "w") as handle:  # as an earlier trainer wrote it, for an augmented model
+        json.dump(dict(saved, augment="shift"), handle)
+    checkpoints, outputs = _checkpoints(job_dir)
+    try:
+        with pytest.raises(TrainerError, match="a checkpoint from an earlier version of the trainer"):
+            checkpoints.restore()
+    finally:
+        outputs.close()
+
 
 def test_the_summaries_observer_writes_the_documented_tags(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -145,7 +145,22 @@ def test_a_run_after_a_kill_during_export_leaves_no_debris(digits_idx, tmp_path)
 
     code, out, err = run_task(args)  # resumes after the saved epoch: nothing to train, exports again
     assert code == 0, err
-    assert not [n for n in os.listdir(job_dir) if ".partial-" in n or ".old-" in n]
+    assert not [n for n in os.listdir(job_dir) if ".partial-" in n or ".replaced-" in n]
     assert os.path.isfile(job_dir / "model" / "saved_model.pb")
     with open(job_dir / "metrics.json") as handle:
         assert json.load(handle)["epochs_completed"] == 1
+
+
+def test_debris_cleanup_touches_only_what_an_export_left(tmp_path):
+    """Dead-process staging and swapped-out folders go; a user's look-alike backups stay."""
+    from trainer import export
+
+    for name in (".model.partial-999999-abcd1234", ".model.replaced-999998", "model.old-20240601",
+                 ".model.replaced-999997", "model"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".model.replaced-999998" / "saved_model.pb").write_bytes(b"old export")
+    (tmp_path / ".model.replaced-999997" / "notes.txt").write_text("not an export")
+    (tmp_path / "model.old-20240601" / "saved_model.pb").write_bytes(b"the user's backup")
+    removed = export.remove_export_debris(str(tmp_path / "model"))
+    assert removed == [".model.partial-999999-abcd1234", ".model.replaced-999998"]
+    assert sorted(os.listdir(tmp_path)) == [".model.replaced-999997", "model", "model.old-20240601"]

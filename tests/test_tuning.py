@@ -313,3 +313,13 @@ def test_two_searches_into_one_job_dir_one_proceeds_the_other_names_it(digits_id
     from trainer import joblock
 
     joblock.acquire(job_dir).release()  # a killed holder leaves no lock behind
+
+
+def test_a_diverging_trial_is_recorded_and_the_search_goes_on(digits_idx, tmp_path):
+    job_dir = str(tmp_path / "job")
+    result = tune(["--tuner", "random", "--max-trials", "1", "--epochs", "1", "--dataset", f"idx:{digits_idx}",
+                   "--train-limit", "400", "--preset", "seed", "--learning-rate", "1e30", "--job-dir", job_dir])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial 1: training diverged (training loss" in result.stdout
+    with open(os.path.join(job_dir, "search_results.json")) as handle:
+        assert json.load(handle)["trials"][0]["val_accuracy"] == 0.0

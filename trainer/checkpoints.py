@@ -17,6 +17,9 @@ from trainer import export
 from trainer.config import RESUME_KEYS, Config
 from trainer.errors import TrainerError
 
+# 2: augmentation moved from model layers into the input pipeline (older checkpoints of augmented models
+# hold layers the model no longer has).
+CHECKPOINT_FORMAT = 2
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 MAX_TO_KEEP = 2
@@ -60,12 +63,16 @@ class Checkpoints:
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
             export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
-                                     resume_settings(self.config))
+                                     dict(resume_settings(self.config), checkpoint_format=CHECKPOINT_FORMAT))
             self.outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir, max_to_keep=MAX_TO_KEEP)
         return history
 
     def _refuse_other_settings(self, saved: dict) -> None:
+        if saved and saved.get("checkpoint_format", 1) < 2 and saved.get("augment", "none") != "none":
+            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint from an earlier "
+                               "version of the trainer, whose augmented model had layers this one has not; pass "
+                               "--no-resume to start fresh or use another --job-dir")
         wanted = resume_settings(self.config)
         differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
         if differ:

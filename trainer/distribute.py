@@ -194,8 +194,8 @@ def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
 def jit_compile_setting(setting: str, resolved: Resolved) -> Optional[bool]:
     """`jit_compile` for the train and predict functions: None on a TPU (every TPU step is XLA already),
     else on for `on`, and for `auto` on a GPU only: on this project's 2-core CPU the XLA-compiled step
-    was slower (README, TPU and XLA). MirroredStrategy over logical CPU devices cannot run XLA in
-    TensorFlow 2.21 (a replica's resource is on another CPU device), so `on` there is refused."""
+    was slower (README, TPU and XLA). Several CPU replicas (MirroredStrategy over logical CPU devices, or
+    CPU workers) cannot run the compiled step in TensorFlow 2.21, so `on` there is refused."""
     import tensorflow as tf
 
     from trainer.errors import TrainerError
@@ -203,8 +203,8 @@ def jit_compile_setting(setting: str, resolved: Resolved) -> Optional[bool]:
     if resolved.name == "tpu":
         return None
     on_gpu = bool(tf.config.list_logical_devices("GPU"))
-    if setting == "on" and resolved.name == "mirrored" and not on_gpu and resolved.num_replicas > 1:
-        raise TrainerError("--jit-compile on cannot run with --strategy mirrored over CPU devices (XLA cannot "
-                           "reach one CPU device's variables from another in TensorFlow 2.21); use "
-                           "--jit-compile off, or one CPU device")
+    if setting == "on" and not on_gpu and resolved.num_replicas > 1:
+        raise TrainerError(f"--jit-compile on cannot run with --strategy {resolved.name} over CPU devices (XLA in "
+                           "TensorFlow 2.21 cannot reach one CPU device's variables from another, nor sync them "
+                           "inside a compiled step); use --jit-compile off")
     return setting == "on" or (setting == "auto" and on_gpu)

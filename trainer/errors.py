@@ -8,6 +8,14 @@ class TrainerError(Exception):
     """An expected fault found through I/O or TensorFlow; its message names the culprit."""
 
 
+class TrainingDiverged(TrainerError):
+    """The loss became NaN, infinite or impossibly large; `detail` says which loss, where and its value."""
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
+
+
 class Interrupted(Exception):
     """Training stopped by SIGTERM (exit 143) or Ctrl-C (exit 130) after saving a checkpoint."""
 

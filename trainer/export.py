@@ -38,38 +38,50 @@ def _replace_dir(staged: str, final: str) -> None:
         if not is_model_folder(final):
             raise TrainerError(f"--model-dir {final}: holds files that are not a model exported by this trainer; "
                                "the export would delete them, so choose an empty or new folder")
-        previous = f"{final}.old-{os.getpid()}"
+        previous = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.replaced-{os.getpid()}")
         os.replace(final, previous)
     os.replace(staged, final)
     if previous:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+# What an export writes into a model folder (`_SUCCESS` comes with a gs:// publish).
+EXPORT_NAMES = {"saved_model.pb", "fingerprint.pb", "variables", "assets", KERAS_FILE, CLASS_NAMES_FILE, "_SUCCESS"}
+
+
+def is_exported_model(names) -> bool:
+    """Folder entries (relative paths) that only an export (or a publish cut short) could have made."""
+    return all(name.split("/")[0] in EXPORT_NAMES for name in names)
+
+
 def is_model_folder(path: str) -> bool:
-    """True when `path` is absent, empty or a model this trainer exported: the only folders export replaces."""
+    """True when `path` is absent, empty or holds only what an export writes: the only folders export replaces."""
     if not os.path.isdir(path):
         return not os.path.exists(path)
-    names = set(os.listdir(path))
-    return not names or {"saved_model.pb", CLASS_NAMES_FILE} <= names
+    return is_exported_model(os.listdir(path))
 
 
-_DEBRIS = re.compile(r"^(?:\.(?P<staged>.+)\.partial-|(?P<old>.+)\.old-)(?P<pid>\d+)")
+_DEBRIS = (re.compile(r"^\.(?P<base>.+)\.(?P<kind>partial)-(?P<pid>\d{1,7})-[a-z0-9_]{8}$"),
+           re.compile(r"^\.(?P<base>.+)\.(?P<kind>replaced)-(?P<pid>\d{1,7})$"))
 
 
 def remove_export_debris(model_dir: str) -> List[str]:
-    """Remove what an export killed part-way left beside `model_dir` (`.NAME.partial-PID-*` staging folders,
-    `NAME.old-PID` swapped-out models) when process PID is gone; an old model whose replacement never
-    arrived is put back first. Returns the removed names."""
+    """Remove what an export killed part-way left beside `model_dir` when process PID is gone:
+    `.NAME.partial-PID-XXXXXXXX` staging folders and `.NAME.replaced-PID` swapped-out models (one whose
+    replacement never arrived is put back instead). Returns the removed names."""
     model_dir = os.path.abspath(model_dir.rstrip("/"))
     parent, base = os.path.split(model_dir)
     removed = []
     for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
-        match = _DEBRIS.match(name)
-        pid = int(match["pid"]) if match else 0
-        if not match or base not in (match["staged"], match["old"]) or (pid != os.getpid() and process_alive(pid)):
-            continue  # another live process's export in progress (this process has none running now)
-        path = os.path.join(parent, name)
-        if match["old"] and not os.path.exists(model_dir):
+        match = _DEBRIS[0].match(name) or _DEBRIS[1].match(name)
+        if not match or match["base"] != base:
+            continue
+        pid, path = int(match["pid"]), os.path.join(parent, name)
+        if pid != os.getpid() and process_alive(pid):
+            continue  # another live process's export in progress
+        if match["kind"] == "replaced" and not is_model_folder(path):
+            continue  # not what an export swapped out: leave it alone
+        if match["kind"] == "replaced" and not os.path.exists(model_dir):
             os.replace(path, model_dir)  # killed between the two renames: the previous model comes back
             continue
         shutil.rmtree(path, ignore_errors=True)

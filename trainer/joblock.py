@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from typing import Mapping, Optional
 
 from trainer import storage
@@ -37,7 +38,7 @@ def _owner(environ: Mapping[str, str]) -> dict:
         except (ValueError, AttributeError):
             task = {}
         replica = f"{environ['CLOUD_ML_JOB_ID']}/{task.get('type', 'workerpool0')}/{task.get('index', 0)}"
-    return dict(host=socket.gethostname(), pid=os.getpid(), started=_now(), heartbeat=time.time(),
+    return dict(host=socket.gethostname(), pid=os.getpid(), started=_now(), heartbeat=time.time(), token=uuid.uuid4().hex,
                 command=" ".join(os.path.basename(arg) if index == 0 else arg for index, arg in enumerate(sys.argv)),
                 replica=replica)
 
@@ -136,15 +137,19 @@ class GcsLock:
             self._write(if_generation_match=0)
         except exceptions.PreconditionFailed:
             held, generation = self._read()
-            taken_over = (time.time() - float(held.get("heartbeat", 0)) > STALE_SECONDS
+            if held.get("token") == self.owner["token"]:  # our create went through, its reply was lost
+                self.generation = generation
+                held = None
+            taken_over = held is None or (time.time() - float(held.get("heartbeat", 0)) > STALE_SECONDS
                           or (self.owner["replica"] and held.get("replica") == self.owner["replica"])
                           or (held.get("host") == self.owner["host"] and not process_alive(int(held.get("pid", 0)))))
             if not taken_over:
                 raise _refusal(flag, job_dir, held) from None
-            try:
-                self._write(if_generation_match=generation)
-            except exceptions.PreconditionFailed:  # someone else took it over first
-                raise _refusal(flag, job_dir, self._read()[0]) from None
+            if held is not None:
+                try:
+                    self._write(if_generation_match=generation)
+                except exceptions.PreconditionFailed:  # someone else took it over first
+                    raise _refusal(flag, job_dir, self._read()[0]) from None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="job-dir-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -169,16 +174,28 @@ class GcsLock:
         return _parse(text), self.blob.generation
 
     def _beat(self) -> None:
+        """Refresh every HEARTBEAT_SECONDS; transient faults are retried at the next beat (the lock goes
+        stale only after STALE_SECONDS without a refresh). Stops for good only when taken over."""
+        from google.api_core import exceptions
+
+        warned = False
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self._write(if_generation_match=self.generation)
-            except Exception as error:  # taken over, or Cloud Storage unreachable for now: say so once
-                print(f"warning: could not refresh the lock {self.blob.name} ({type(error).__name__})",
-                      file=sys.stderr)
+                warned = False
+            except exceptions.PreconditionFailed:
+                print(f"warning: the lock {self.blob.name} was taken over by another run; this run's outputs there "
+                      "may be overwritten", file=sys.stderr)
                 return
+            except Exception as error:  # Cloud Storage unreachable for now: say so once, keep trying
+                if not warned:
+                    print(f"warning: could not refresh the lock {self.blob.name} ({type(error).__name__}); "
+                          "retrying", file=sys.stderr)
+                    warned = True
 
     def release(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=2 * storage.TIMEOUT)  # no refresh in flight while we delete
         try:
             self.blob.delete(if_generation_match=self.generation, timeout=storage.TIMEOUT)
         except Exception:

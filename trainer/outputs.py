@@ -90,7 +90,8 @@ def _check_chief_outputs(config: Config) -> None:
                              lambda path: path if storage.is_gcs(path) else os.path.realpath(path))
     if overlap:
         raise TrainerError(overlap)
-    safe = (storage.is_model_folder(config.model_dir) if storage.is_gcs(config.model_dir)
+    # only a folder holding nothing but what an export writes (a publish cut short included) is replaced
+    safe = (export.is_exported_model(storage.list_objects(config.model_dir)) if storage.is_gcs(config.model_dir)
             else export.is_model_folder(config.model_dir.rstrip("/") or "/"))
     if not safe:
         raise TrainerError(f"--model-dir {config.model_dir}: holds files that are not a model exported by this "

@@ -187,6 +187,8 @@ def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
     with `mirror`, local files the bucket no longer holds are removed. Returns the object count."""
     objects = list_objects(url)
     for name, blob in objects.items():
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise TrainerError(f"{url}/{name}: an object name that would leave the download folder")
         path = os.path.join(local_dir, *name.split("/"))
         if os.path.isfile(path) and os.path.getsize(path) == blob.size and _crc32c(path) == blob.crc32c:
             continue
@@ -239,12 +241,6 @@ def remove_partial_uploads(url: str) -> None:
                                                   timeout=TIMEOUT)), f"listing {url}.partial-*")
     for blob in blobs:
         call(blob.delete, f"deleting the leftover {blob.name}")
-
-
-def is_model_folder(url: str) -> bool:
-    """True when a gs:// folder is empty or holds a model this trainer exported (safe to replace)."""
-    names = set(list_objects(url))
-    return not names or {"saved_model.pb", "class_names.json"} <= names
 
 
 def _delete_quietly(url: str) -> None:

@@ -19,7 +19,7 @@ from trainer import observers as observers_lib
 from trainer import steps as steps_lib
 from trainer.checkpoints import Checkpoints
 from trainer.config import Config
-from trainer.errors import Interrupted, TrainerError, require_tensorflow
+from trainer.errors import Interrupted, TrainerError, TrainingDiverged, require_tensorflow
 from trainer.outputs import Outputs, prepare_outputs
 from trainer.stopping import StopSignal
 
@@ -105,10 +105,10 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     try:
         trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile)
     except steps_lib.Diverged as diverged:
-        raise TrainerError(f"training diverged: {diverged}; nothing was exported and the last good checkpoint "
-                           f"is kept ({checkpoints.latest or 'none yet'}); the likely cause is a learning rate too "
-                           f"high for this model (--learning-rate {config.learning_rate:g}): lower it and rerun "
-                           "with --no-resume") from None
+        raise TrainingDiverged(f"training diverged: {diverged}; nothing was exported and the last good checkpoint "
+                               f"is kept ({checkpoints.latest or 'none yet'}); the likely cause is a learning rate "
+                               f"too high for this model (--learning-rate {config.learning_rate:g}): lower it and "
+                               "rerun with --no-resume", str(diverged)) from None
     if not extras.evaluate_and_export:
         best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
         return dict(history=history, val_accuracy=best.get("val_accuracy"), val_loss=best.get("val_loss"),

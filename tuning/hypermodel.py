@@ -43,6 +43,7 @@ class TrainerHyperModel(kt.HyperModel):
         import tensorflow as tf
 
         from trainer.distribute import Resolved
+        from trainer.errors import TrainingDiverged
         from trainer.observers import KerasCallbacks
         from trainer.train import train_and_evaluate
 
@@ -51,7 +52,11 @@ class TrainerHyperModel(kt.HyperModel):
         run_epochs = (epochs or self.base.epochs) - (initial_epoch if continued else 0)
         config = self.trial_config(hp, epochs=max(1, run_epochs), trial_id=trial_id)
         resolved = Resolved(tf.distribute.get_strategy(), "default")  # one trial, one worker
-        result = train_and_evaluate(config, splits=self.splits, resolved=resolved, log=self.log,
-                                    observers=[KerasCallbacks(callbacks)], evaluate_and_export=False,
-                                    initial_weights=model.get_weights() if continued else None)
+        try:
+            result = train_and_evaluate(config, splits=self.splits, resolved=resolved, log=self.log,
+                                        observers=[KerasCallbacks(callbacks)], evaluate_and_export=False,
+                                        initial_weights=model.get_weights() if continued else None)
+        except TrainingDiverged as diverged:  # a bad corner of the search space, not a failed search
+            self.log(f"trial {trial_number(trial_id)}: training diverged ({diverged.detail}); recorded with val_accuracy 0")
+            return {"val_accuracy": 0.0}
         return {"val_accuracy": result["val_accuracy"], "val_loss": result["val_loss"]}
