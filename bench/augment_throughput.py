@@ -1,6 +1,7 @@
 """Training throughput of the default recipe's augmentation, in alternating rounds:
 
-    python bench/augment_throughput.py [--rounds 3] [--train-limit 20000] [--epochs 2] [--out bench/results/augment.md]
+    python bench/augment_throughput.py [--rounds 3] [--arms pipeline,keras-layer,pipeline-xla] [--train-limit 20000]
+                                       [--epochs 2] [--out bench/results/augment.md]
 
 Arms, each a whole `python -m trainer.task` run in its own process on Debian's Fashion-MNIST files:
   pipeline      the trainer as it is: random shifts in the tf.data pipeline (trainer/augment.py)
@@ -69,9 +70,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-limit", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "augment.md"))
     args = parser.parse_args()
-    arms = list(ARMS)
+    arms = [arm for arm in args.arms.split(",") if arm in ARMS]
     results = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
