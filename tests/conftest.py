@@ -161,6 +161,20 @@ def signal_after_first_epoch(args, log_path, signum, epochs):
     return process
 
 
+def file_snapshot(root):
+    """Every file under `root` (relative path) with its mtime and content digest: what 'untouched' means."""
+    import hashlib
+
+    snapshot = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                snapshot[os.path.relpath(path, root)] = (os.stat(path).st_mtime_ns,
+                                                         hashlib.sha256(handle.read()).hexdigest())
+    return snapshot
+
+
 def read_metrics(job_dir):
     with open(os.path.join(job_dir, "metrics.json")) as handle:
         return json.load(handle)

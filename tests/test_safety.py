@@ -11,18 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, run_task, start_cli, trainer_env, wait_for_line
-
-
-def _tree(root):
-    """Every file under root with its bytes: what 'untouched' means."""
-    found = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                found[os.path.relpath(path, root)] = handle.read()
-    return found
+from conftest import ROOT_DIR, file_snapshot, run_task, start_cli, trainer_env, wait_for_line
 
 
 def _user_files(root):
@@ -45,24 +34,24 @@ def _user_files(root):
 ])
 def test_overlapping_output_folders_are_refused_before_anything_is_touched(flags, culprits, tmp_path):
     _user_files(str(tmp_path))
-    before = _tree(str(tmp_path))
+    before = file_snapshot(str(tmp_path))
     code, out, err = run_task(["--dataset", "idx:/nowhere"] + [flag.format(x=tmp_path) for flag in flags])
     assert code == 2, err
     last = err.strip().splitlines()[-1]
     assert all(culprit in last for culprit in culprits), last
     assert "own folder" in last and out == ""
-    assert _tree(str(tmp_path)) == before
+    assert file_snapshot(str(tmp_path)) == before
 
 
 def test_overlap_through_a_symbolic_link_is_refused_too(digits_idx, tmp_path):
     _user_files(str(tmp_path))
     os.symlink(tmp_path / "run", tmp_path / "link")
-    before = _tree(str(tmp_path / "run"))
+    before = file_snapshot(str(tmp_path / "run"))
     code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--job-dir", str(tmp_path / "run"),
                                "--model-dir", str(tmp_path / "link")])
     assert code == 1, err
     assert "--model-dir" in err and "is the same folder as" in err and "epoch" not in out
-    assert _tree(str(tmp_path / "run")) == before
+    assert file_snapshot(str(tmp_path / "run")) == before
 
 
 def test_a_model_dir_holding_other_files_is_refused_and_kept(digits_idx, tmp_path):
@@ -91,7 +80,7 @@ def test_a_diverging_run_exits_1_and_never_replaces_a_good_model(seed_run, digit
     good_job, _, _ = seed_run
     model_dir = str(tmp_path / "served")
     shutil.copytree(os.path.join(good_job, "model"), model_dir)
-    before = _tree(model_dir)
+    before = file_snapshot(model_dir)
     job_dir = str(tmp_path / "diverged")
     code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "1000",
                                "--epochs", "2", "--learning-rate", "1e30", "--job-dir", job_dir,
@@ -100,7 +89,7 @@ def test_a_diverging_run_exits_1_and_never_replaces_a_good_model(seed_run, digit
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training diverged: training loss") and "--learning-rate 1e+30" in last, err
     assert "epoch 1, steps 1-" in last and "Traceback" not in err
-    assert _tree(model_dir) == before, "the good model must stay exactly as it was"
+    assert file_snapshot(model_dir) == before, "the good model must stay exactly as it was"
     assert not os.path.exists(os.path.join(job_dir, "metrics.json"))
     assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]
 

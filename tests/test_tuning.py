@@ -2,7 +2,6 @@
 its refusal when the settings differ), command-line errors before TensorFlow, one trial numbering, a
 distributed search with a chief oracle and two workers on 127.0.0.1, and cloudml-hypertune reports."""
 
-import hashlib
 import json
 import os
 import re
@@ -11,7 +10,8 @@ import sys
 
 import pytest
 
-from conftest import ROOT_DIR, free_port, main_in_fresh_interpreter, read_metrics, run_cli, trainer_env
+from conftest import (ROOT_DIR, file_snapshot, free_port, main_in_fresh_interpreter, read_metrics, run_cli,
+                      trainer_env)
 
 
 def tune(args, timeout=600, **env):
@@ -82,17 +82,6 @@ def test_stdout_numbers_trials_as_search_results_does_and_has_no_escape_codes(se
     assert "\x1b" not in out and "\x1b" not in err, "stdout is a pipe here: no terminal escape codes"
 
 
-def search_snapshot(job_dir):
-    """Every file under the search folder with its size, mtime and content digest."""
-    snapshot = {}
-    for folder, _, files in os.walk(job_dir):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as handle:
-                snapshot[path] = (os.stat(path).st_mtime_ns, hashlib.sha256(handle.read()).hexdigest())
-    return snapshot
-
-
 def changed(args, flag, value):
     """The search fixture's arguments with one flag's value replaced (None: the flag removed)."""
     index = args.index(flag)
@@ -112,7 +101,7 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(search, chang
         args = changed(args, flag, value)
     with open(os.path.join(job_dir, "best_hyperparameters.json"), "rb") as handle:
         best = handle.read()
-    before = search_snapshot(job_dir)
+    before = file_snapshot(job_dir)
     result = main_in_fresh_interpreter("tuning.task", args)
     assert result["code"] == 1, result
     assert result["err"].count("\n") == 1 and result["err"].startswith("error: --job-dir ")
@@ -120,7 +109,7 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(search, chang
     assert result["heavy"] == [], "refused before TensorFlow or KerasTuner is imported"
     with open(os.path.join(job_dir, "best_hyperparameters.json"), "rb") as handle:
         assert handle.read() == best
-    assert search_snapshot(job_dir) == before
+    assert file_snapshot(job_dir) == before
 
 
 def test_gs_job_dir_is_refused_with_the_cloud_storage_mount_and_no_gs_folder(tmp_path):

@@ -132,7 +132,7 @@ class Config:
     hypertune: bool = False
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
+        if self.preset not in PRESETS:  # checked here, not in validate: the preset fills the recipe first
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}")
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
@@ -199,7 +199,6 @@ def validate(config: Config) -> None:
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
     require(config.jit_compile in JIT_COMPILE, f"--jit-compile must be one of {', '.join(JIT_COMPILE)}")
-    require(config.preset in PRESETS, f"--preset must be one of {', '.join(PRESETS)}")
     if config.dataset.startswith("idx:"):
         require(len(config.idx_dir) > 0, "--dataset idx: needs a folder, e.g. idx:/usr/share/datasets/fashion-mnist")
     else:

@@ -36,8 +36,7 @@ def _replace_dir(staged: str, final: str) -> None:
     previous = None
     if os.path.exists(final):
         if not is_model_folder(final):
-            raise TrainerError(f"--model-dir {final}: holds files that are not a model exported by this trainer; "
-                               "the export would delete them, so choose an empty or new folder")
+            raise foreign_model_dir(final)
         previous = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.replaced-{os.getpid()}")
         os.replace(final, previous)
     os.replace(staged, final)
@@ -59,6 +58,12 @@ def is_model_folder(path: str) -> bool:
     if not os.path.isdir(path):
         return not os.path.exists(path)
     return is_exported_model(os.listdir(path))
+
+
+def foreign_model_dir(shown: str) -> TrainerError:
+    """The refusal of a --model-dir that holds something an export would have to delete."""
+    return TrainerError(f"--model-dir {shown}: holds files that are not a model exported by this trainer; the "
+                        "export would delete them, so choose an empty or new folder")
 
 
 _DEBRIS = (re.compile(r"^\.(?P<base>.+)\.(?P<kind>partial)-(?P<pid>\d{1,7})-[a-z0-9_]{8}$"),

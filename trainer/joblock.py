@@ -5,7 +5,8 @@ process ends, so even a `kill -9` never leaves a job dir locked. A gs:// job dir
 `JOB_DIR/.lock` created only if absent (a generation precondition, so two runs cannot both create it). It
 holds the owner and a heartbeat the owner refreshes every minute. A lock left by a run that died is
 taken over at once when its process is gone from this very host or when a restarted replica of the same
-Vertex AI job finds it, and by anyone once its heartbeat is older than `STALE_SECONDS`. The lock is released (the file or object deleted) at the end.
+Vertex AI job finds it, and by anyone once its heartbeat is older than `STALE_SECONDS`. The lock is
+released (the file or object deleted) at the end.
 """
 
 from __future__ import annotations

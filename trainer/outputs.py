@@ -94,8 +94,7 @@ def _check_chief_outputs(config: Config) -> None:
     safe = (export.is_exported_model(storage.list_objects(config.model_dir)) if storage.is_gcs(config.model_dir)
             else export.is_model_folder(config.model_dir.rstrip("/") or "/"))
     if not safe:
-        raise TrainerError(f"--model-dir {config.model_dir}: holds files that are not a model exported by this "
-                           "trainer; the export would delete them, so choose an empty or new folder")
+        raise export.foreign_model_dir(config.model_dir)
     if not storage.is_gcs(config.model_dir):
         export.remove_export_debris(config.model_dir)
 
