@@ -170,6 +170,7 @@ def curve_pngs(history: List[Dict[str, float]]) -> Dict[str, bytes]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     pngs = {}
@@ -178,6 +179,7 @@ def curve_pngs(history: List[Dict[str, float]]) -> Dict[str, bytes]:
         axes.plot(epochs, [row[metric] for row in history], marker="o", label="train")
         axes.plot(epochs, [row[f"val_{metric}"] for row in history], marker="o", label="validation")
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         axes.set_ylabel(metric)
         axes.set_title(f"Model {metric}")
         axes.grid(alpha=0.3)
@@ -193,23 +195,28 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def confusion_png(matrix: np.ndarray, class_names: Sequence[str], title: str) -> bytes:
+    """Counts of (true, predicted) pairs, readable at 10 classes: counts in 10 pt, labels upright when
+    they are short (digits), a colour bar that says what its colours count."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7.5, 6.5))
+    figure, axes = plt.subplots(figsize=(8, 7))
     image = axes.imshow(matrix, cmap="Blues")
-    figure.colorbar(image, ax=axes)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04).set_label("test examples", fontsize=11)
     ticks = np.arange(len(class_names))
-    axes.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
-    axes.set_yticks(ticks, labels=class_names)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
+    upright = max(len(name) for name in class_names) <= 3
+    axes.set_xticks(ticks, labels=class_names, rotation=0 if upright else 35, ha="center" if upright else "right",
+                    fontsize=11)
+    axes.set_yticks(ticks, labels=class_names, fontsize=11)
+    axes.set_xlabel("predicted", fontsize=11)
+    axes.set_ylabel("true", fontsize=11)
+    axes.set_title(title, fontsize=12)
     threshold = matrix.max() / 2 if matrix.size else 0
+    size = 10 if len(class_names) <= 10 else 8
     for row in range(matrix.shape[0]):
         for col in range(matrix.shape[1]):
-            axes.text(col, row, str(matrix[row, col]), ha="center", va="center", fontsize=7,
+            axes.text(col, row, str(matrix[row, col]), ha="center", va="center", fontsize=size,
                       color="white" if matrix[row, col] > threshold else "black")
     return _figure_png(figure)
 
