@@ -4,6 +4,8 @@ well after one epoch; the cosine schedule and the profiler do what their flags s
 import glob
 import os
 
+import pytest
+
 from conftest import read_metrics, run_task
 from trainer.config import Config
 
@@ -31,8 +33,9 @@ def test_batch_norm_with_warmup_evaluates_well_after_the_first_epoch(digits_idx,
     assert code == 0, err
     history = read_metrics(job_dir)["history"]
     assert history[0]["val_accuracy"] > 0.8, history[0]
-    rates = [row["learning_rate"] for row in history]
-    assert rates[0] > rates[1] > rates[2] >= 0, "cosine decay after the warm-up"
+    rates = [row["learning_rate"] for row in history]  # each epoch's starting rate
+    assert rates[0] == pytest.approx(3e-4) and rates[1] == pytest.approx(3e-3), "warm-up from a tenth to the peak"
+    assert rates[1] > rates[2] > 0, "cosine decay after the warm-up; the last epoch starts above 0"
 
 
 def test_profile_steps_write_a_tensorboard_profile(digits_idx, tmp_path):

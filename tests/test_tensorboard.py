@@ -62,3 +62,24 @@ def test_misclassified_image_and_config_text_are_served(tensorboard):
     assert get("/data/plugin/images/individualImage?" + images[0]["query"]).startswith(b"\x89PNG")
     text = json.loads(get("/data/plugin/text/text?run=train&tag=config"))
     assert "batch_size" in text[0]["text"] and "dropout" in text[0]["text"]
+
+
+def test_batch_scalars_have_one_point_per_call_and_add_up_to_the_epoch_loss(tensorboard):
+    """What a user watching a run live sees: batch_* points after every multi-step call, x = global step."""
+    get, metrics = tensorboard
+    steps_per_epoch = metrics["num_examples"]["train"] // metrics["config"]["batch_size"]
+    per_call = metrics["config"]["steps_per_execution"]
+    ends = [end for end in range(per_call, steps_per_epoch, per_call)] + [steps_per_epoch]
+    calls = [epoch * steps_per_epoch + end for epoch in range(len(metrics["history"])) for end in ends]
+    points = {tag: json.loads(get(f"/data/plugin/scalars/scalars?run=train&tag={tag}"))
+              for tag in ("batch_loss", "batch_accuracy", "batch_learning_rate")}
+    for tag, series in points.items():
+        assert [step for _, step, _ in series] == calls, tag
+    losses = [value for _, _, value in points["batch_loss"]]
+    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)] * len(metrics["history"])
+    for epoch, row in enumerate(metrics["history"]):
+        chunk = slice(epoch * len(ends), (epoch + 1) * len(ends))
+        weighted = sum(loss * size for loss, size in zip(losses[chunk], sizes[chunk])) / steps_per_epoch
+        assert abs(weighted - row["loss"]) < 1e-4 * max(1.0, row["loss"]), (epoch, weighted, row["loss"])
+    assert all(0.0 <= value <= 1.0 for _, _, value in points["batch_accuracy"])
+    assert {round(value, 9) for _, _, value in points["batch_learning_rate"]} == {metrics["config"]["learning_rate"]}

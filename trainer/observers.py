@@ -2,7 +2,8 @@
 
 The loop calls, in this order: `on_train_begin(model, initial_epoch)`; per epoch `on_epoch_begin(epoch)`,
 then per multi-step call `clip_chunk` / `on_chunk_begin(global_step)` / `on_chunk_end(global_step)` /
-`on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)`, then `on_steps_end(epoch)` when the
+`on_batch_metrics(global_step, loss, accuracy)` (the call's own means, once its loss is known to be
+finite) / `on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)` (the epoch's mean so far), then `on_steps_end(epoch)` when the
 epoch's steps are over (complete or stopped), and `on_epoch_end(epoch, row, timing)` once the epoch is
 evaluated and saved; `on_train_end()` after the last epoch. Epochs are 0-based here, as in Keras.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Iterable, List
 
 
@@ -27,6 +29,8 @@ class Observer:
     def on_chunk_begin(self, global_step: int) -> None: ...
 
     def on_chunk_end(self, global_step: int) -> None: ...
+
+    def on_batch_metrics(self, global_step: int, loss: float, accuracy: float) -> None: ...
 
     def on_train_steps(self, epoch: int, steps_done: int, steps_per_epoch: int, mean_loss: float) -> None: ...
 
@@ -57,7 +61,7 @@ def _fan_out(name: str):
     return call
 
 
-for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_train_steps",
+for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_batch_metrics", "on_train_steps",
               "on_steps_end", "on_epoch_end", "on_train_end"):
     setattr(Observers, _name, _fan_out(_name))
 
@@ -93,16 +97,26 @@ class Console(Observer):
 
 
 class Summaries(Observer):
-    """TensorBoard: run folders `train` and `validation`; scalars `epoch_loss`, `epoch_accuracy`,
-    `epoch_learning_rate`, `epoch_examples_per_second` per epoch, the settings as text `config`, and
-    (from the end of the run) the image `misclassified`. `sync` uploads a staged gs:// log dir."""
+    """TensorBoard: run folders `train` and `validation`.
 
-    def __init__(self, log_dir: str, config_dict: dict, sync=lambda: None):
+    `train`: `batch_loss`, `batch_accuracy`, `batch_learning_rate` after every multi-step call (x axis: the
+    global step; the means over the call's steps, and the rate of its last step), then per epoch (x axis:
+    the epoch) `epoch_loss`, `epoch_accuracy`, `epoch_learning_rate` (the rate the epoch started with),
+    `epoch_examples_per_second`, and the settings as text `config`. `validation`: `epoch_loss`,
+    `epoch_accuracy` and, from the end of the run, the image `misclassified`. Event files are flushed after
+    every call, so a local TensorBoard follows the run live; `sync` (the upload of a staged gs:// log dir)
+    runs at most every SYNC_SECONDS during an epoch and at every epoch's end.
+    """
+
+    SYNC_SECONDS = 30.0
+
+    def __init__(self, log_dir: str, config_dict: dict, sync=lambda: None, learning_rate_at=None):
         import tensorflow as tf
 
-        self.config_dict, self.sync = config_dict, sync
+        self.config_dict, self.sync, self.learning_rate_at = config_dict, sync, learning_rate_at
         self.train = tf.summary.create_file_writer(os.path.join(log_dir, "train"))
         self.validation = tf.summary.create_file_writer(os.path.join(log_dir, "validation"))
+        self.synced = time.monotonic()
 
     def on_train_begin(self, model, initial_epoch):
         import tensorflow as tf
@@ -110,6 +124,22 @@ class Summaries(Observer):
         table = "\n".join(f"| {key} | {value} |" for key, value in sorted(self.config_dict.items()))
         with self.train.as_default():
             tf.summary.text("config", "| setting | value |\n|---|---|\n" + table, step=initial_epoch)
+
+    def on_batch_metrics(self, global_step, loss, accuracy):
+        import tensorflow as tf
+
+        with self.train.as_default():
+            tf.summary.scalar("batch_loss", loss, step=global_step)
+            tf.summary.scalar("batch_accuracy", accuracy, step=global_step)
+            if self.learning_rate_at is not None:
+                tf.summary.scalar("batch_learning_rate", self.learning_rate_at(global_step - 1), step=global_step)
+        self.train.flush()
+        if time.monotonic() - self.synced >= self.SYNC_SECONDS:
+            self._sync()
+
+    def _sync(self) -> None:
+        self.sync()
+        self.synced = time.monotonic()
 
     def on_epoch_end(self, epoch, row, timing):
         import tensorflow as tf
@@ -124,7 +154,7 @@ class Summaries(Observer):
             tf.summary.scalar("epoch_accuracy", row["val_accuracy"], step=epoch + 1)
         self.train.flush()
         self.validation.flush()
-        self.sync()  # live progress in (Vertex) TensorBoard reading a gs:// log dir
+        self._sync()  # live progress in (Vertex) TensorBoard reading a gs:// log dir
 
     def image(self, tag: str, png: bytes, step: int) -> None:
         import tensorflow as tf

@@ -52,6 +52,14 @@ def learning_rate_schedule(config: Config, steps_per_epoch: int):
         warmup_target=config.learning_rate if warmup else None, warmup_steps=warmup)
 
 
+def learning_rate_at(config: Config, steps_per_epoch: int):
+    """`rate(step)`: the learning rate the optimizer applies at global step `step` (0-based), as a float."""
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+    if not callable(schedule):
+        return lambda step: float(schedule)
+    return lambda step: float(schedule(step))
+
+
 def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
                 initial_weights: Optional[list] = None) -> TrainState:
     """Model, optimizer and counters, seeded and built inside the strategy's scope."""
@@ -173,6 +181,8 @@ def run_epoch(train_steps, iterator, epoch: int, first_step: int, steps_per_epoc
         observers.on_chunk_end(global_step + chunk)
         check_loss(float(chunk_loss) / (chunk * global_batch_size), "training loss",
                    f"epoch {epoch + 1}, steps {done + 1}-{done + chunk} of {steps_per_epoch}")
+        observers.on_batch_metrics(global_step + chunk, float(chunk_loss) / (chunk * global_batch_size),
+                                   float(chunk_correct) / (chunk * global_batch_size))
         loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
         observers.on_train_steps(epoch, done, steps_per_epoch, loss_sum / ((done - first_step) * global_batch_size))
         stopped = stop.should_stop()
