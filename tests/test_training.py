@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT_DIR, run_task
+from conftest import ROOT_DIR, file_snapshot, main_in_fresh_interpreter, run_task
 
 TIMING_KEYS = {"train_seconds", "train_examples_per_second"}
 
@@ -155,3 +155,34 @@ def test_export_is_atomic_a_failed_export_keeps_the_good_model(seed_run, tmp_pat
     after = sorted(os.path.relpath(p, model_dir) for p in glob.glob(model_dir + "/**", recursive=True))
     assert after == before
     assert os.listdir(tmp_path) == ["model"], "no partial folder may be left behind"
+
+
+def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(seed_run, digits_idx):
+    job_dir, metrics, _ = seed_run
+    before = file_snapshot(job_dir)
+    run = main_in_fresh_interpreter("trainer.task", ["--dataset", f"idx:{digits_idx}", "--preset", "seed",
+                                                     "--epochs", "6", "--job-dir", job_dir])
+    assert run["code"] == 0, run["err"]
+    assert "this run is already complete: 6/6 epochs" in run["out"]
+    assert f"test_accuracy {metrics['test_accuracy']:.4f}" in run["out"]
+    assert "epoch 1/" not in run["out"] and "resuming" not in run["out"]
+    assert run["heavy"] == [], "reported from the files alone, without loading TensorFlow"
+    assert file_snapshot(job_dir) == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_empty_folders(tmp_path, monkeypatch):
+    from trainer.data import _reachable
+
+    monkeypatch.chdir(tmp_path)
+    cases = [["--dataset", "idx:/no/such/folder"],  # default job dir: runs/<timestamp>
+             ["--dataset", "idx:/no/such/folder", "--job-dir", str(tmp_path / "new" / "job")]]
+    if not _reachable("storage.googleapis.com"):  # offline TFDS (the machines this suite runs on)
+        cases.append(["--dataset", "mnist", "--data-dir", str(tmp_path / "tfds"), "--job-dir", str(tmp_path / "job")])
+    for args in cases:
+        code, _, err = run_task(args)
+        assert code == 1 and err.startswith("error: "), err
+        assert os.listdir(tmp_path) == [], (args, os.listdir(tmp_path))
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    code, _, _ = run_task(["--dataset", "idx:/no/such/folder", "--job-dir", str(existing / "job")])
+    assert code == 1 and os.listdir(tmp_path) == ["mine"], "a folder the user made is kept"

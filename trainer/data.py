@@ -140,6 +140,28 @@ def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
+KNOWN_TFDS = ("mnist", "fashion_mnist", "kmnist", "mnist_corrupted")  # 28x28x1 images, 10 classes
+
+
+def tfds_data_dir(data_dir: Optional[str]) -> str:
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+
+
+def check_tfds_offline(name: str, data_dir: Optional[str]) -> None:
+    """Before TensorFlow loads (seconds on a busy machine): a TFDS dataset that is not prepared locally on
+    a machine that cannot reach the download host fails now, with the offline alternatives. Only for the
+    datasets known to fit (other names go to TFDS, which knows whether they exist)."""
+    base = name.split(":")[0].split("/")[0]
+    if base not in KNOWN_TFDS:
+        return
+    folder = os.path.join(tfds_data_dir(data_dir), base)
+    for _, _, files in os.walk(folder):
+        if "dataset_info.json" in files:
+            return  # prepared (or partly): TFDS itself decides
+    if not _reachable("storage.googleapis.com"):
+        raise TrainerError(f"--dataset {name}: download failed (no internet connection); {OFFLINE_HINT}")
+
+
 @contextlib.contextmanager
 def _quiet_absl():
     """Hide absl's Python warnings for a moment (TFDS logs expected conditions as warnings)."""

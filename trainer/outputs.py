@@ -12,7 +12,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from trainer import export, joblock, storage
 from trainer.config import Config
@@ -32,6 +32,7 @@ class Outputs:
     remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
     scratch: Optional[str] = None
     lock: Optional[object] = None  # the chief's hold on the job dir (trainer.joblock)
+    created: List[str] = dataclasses.field(default_factory=list)  # local folders this run made, outermost first
 
     @property
     def metrics_path(self) -> str:
@@ -65,6 +66,16 @@ class Outputs:
             storage.sync_up(self.plots_dir, f"{url}/plots")
             storage.upload_file(self.metrics_path, f"{url}/metrics.json")
 
+    def remove_unused_folders(self) -> None:
+        """After a failed start: remove the folders this run created that are still empty (deepest first),
+        so a run that never trained leaves no empty `runs/<timestamp>/` behind. Call after `close`."""
+        for path in reversed(self.created):
+            for root, _, _ in os.walk(path, topdown=False):
+                try:
+                    os.rmdir(root)  # only ever removes an empty folder
+                except OSError:
+                    pass
+
     def close(self) -> None:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
@@ -73,7 +84,22 @@ class Outputs:
             self.lock = None
 
 
-def _make_dir(path: str, flag: str) -> None:
+def _new_folders(path: str) -> List[str]:
+    """The folders `os.makedirs(path)` would create, outermost first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.insert(0, path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+def _make_dir(path: str, flag: str, created: Optional[List[str]] = None) -> None:
+    if created is not None:
+        created.extend(folder for folder in _new_folders(path) if folder not in created)
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-").close()
@@ -117,16 +143,18 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
                 remote[name] = path
         else:
             local[name] = path
-    lock = None
+    lock, created = None, []
     try:
         for url in dict.fromkeys(remote.values()):
             storage.check_writable(url)
         for name in ("job_dir", "log_dir", "checkpoint_dir"):
-            _make_dir(local[name], name.replace("_", "-"))
+            _make_dir(local[name], name.replace("_", "-"), None if scratch and local[name].startswith(scratch)
+                      else created)
         if is_chief:
             lock = joblock.acquire(config.job_dir)
             _check_chief_outputs(config)
-        _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir")
+        _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir",
+                  None if scratch and local["model_dir"].startswith(scratch) else created)
         restore_dir = None
         if config.resume:
             restore_dir = config.checkpoint_dir
@@ -138,5 +166,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
             shutil.rmtree(scratch, ignore_errors=True)
         if lock is not None:
             lock.release()
+        Outputs(is_chief=is_chief, restore_dir=None, created=created, **local).remove_unused_folders()
         raise
-    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock, **local)
+    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock,
+                   created=created, **local)

@@ -137,6 +137,24 @@ def check_writable(url: str) -> None:
         raise TrainerError(f"{url}: cannot reach Cloud Storage ({type(error).__name__})") from None
 
 
+def read_bytes(url: str) -> Optional[bytes]:
+    """The content of one object, or None when it does not exist."""
+    from google.api_core import exceptions
+
+    bucket_name, name = split_url(url)
+    blob = client().bucket(bucket_name).blob(name)
+    try:
+        return call(lambda: blob.download_as_bytes(retry=None, timeout=TIMEOUT), f"reading {url}",
+                    passthrough=(exceptions.NotFound,))
+    except exceptions.NotFound:
+        return None
+
+
+def read_text(url: str) -> Optional[str]:
+    data = read_bytes(url)
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
 def upload_file(local_path: str, url: str) -> None:
     """Copy one file; crc32c checked by the client, size checked after, transient faults retried."""
     bucket_name, name = split_url(url)

@@ -28,6 +28,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     _quiet_tensorflow()
     try:
+        if config.dataset_kind == "tfds":
+            from trainer.data import check_tfds_offline
+            check_tfds_offline(config.dataset, config.data_dir)  # before the heavy imports
+        from trainer.checkpoints import finished_run
+        done = finished_run(config)
+        if done:
+            print(f"this run is already complete: {config.epochs}/{config.epochs} epochs, test_accuracy "
+                  f"{done.get('test_accuracy', float('nan')):.4f}; its model is in {config.model_dir}, metrics.json "
+                  f"and plots/ in {config.job_dir}, logs in {config.log_dir}. Nothing was rewritten: pass a larger "
+                  "--epochs to train on, or --no-resume to start again")
+            return 0
         from trainer.train import train_and_evaluate
         train_and_evaluate(config, environ=os.environ)
     except TrainerError as error:

@@ -75,6 +75,10 @@ def _run(config: Config, splits, resolved, policy: str, log, extras: Extras) -> 
     outputs = prepare_outputs(config, resolved.is_chief, resolved.task_id)
     try:
         return _train(config, splits, resolved, policy, log, outputs, extras)
+    except BaseException:
+        outputs.close()
+        outputs.remove_unused_folders()  # a run that failed before writing anything leaves no empty folders
+        raise
     finally:
         outputs.close()
 
@@ -98,12 +102,14 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     if initial_epoch or initial_step:
         log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
     predict = steps_lib.make_predict_function(state.model, extras.jit_compile)
-    summaries = observers_lib.Summaries(outputs.log_dir, config.to_dict(), outputs.sync_logs)
+    learning_rate_at = steps_lib.learning_rate_at(config, steps)
+    summaries = observers_lib.Summaries(outputs.log_dir, config.to_dict(), outputs.sync_logs, learning_rate_at)
     observers = observers_lib.Observers([
         summaries, observers_lib.Console(config.epochs, log), observers_lib.Hypertune() if config.hypertune else None,
         observers_lib.Profiler(config.profile_steps, outputs.log_dir), *extras.observers])
     try:
-        trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile)
+        trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile,
+                       learning_rate_at)
     except steps_lib.Diverged as diverged:
         raise TrainingDiverged(f"training diverged: {diverged}; nothing was exported and the last good checkpoint "
                                f"is kept ({checkpoints.latest or 'none yet'}); the likely cause is a learning rate "
@@ -118,7 +124,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                                 summaries, log)
 
 
-def _fit(config: Config, splits, resolved, state, checkpoints, history, observers, predict, jit_compile) -> dict:
+def _fit(config: Config, splits, resolved, state, checkpoints, history, observers, predict, jit_compile,
+         learning_rate_at) -> dict:
     """The epochs: train, validate, save, tell the observers; raises Interrupted after a stop signal."""
     initial_epoch, initial_step = checkpoints.position
     steps = checkpoints.steps_per_epoch
@@ -149,7 +156,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             steps_lib.check_loss(val_loss, "validation loss", f"the end of epoch {epoch + 1}")
             row = dict(epoch=epoch + 1, loss=result.loss_sum / examples, accuracy=result.correct / examples,
                        val_loss=val_loss, val_accuracy=val_accuracy,
-                       learning_rate=float(state.optimizer.learning_rate.numpy()))
+                       learning_rate=learning_rate_at(epoch * steps))  # the rate the epoch started with
             history.append(row)
             checkpoints.save_epoch(epoch, history)
             observers.on_epoch_end(epoch, row, dict(examples_per_second=examples / result.seconds,
