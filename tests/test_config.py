@@ -129,3 +129,50 @@ def test_bad_flag_next_to_a_good_hparams_file_is_still_a_usage_error(tmp_path, c
         parse(["--hparams-file", str(path), "--epochs", "0", "--job-dir", "/tmp/x"])
     assert exit_.value.code == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+
+
+def _parsers_with_help():
+    """Every command-line parser users meet (sub-commands included), with the module it belongs to."""
+    import argparse
+
+    from deploy.vertex import build_parser as vertex_parser
+    from trainer.config import build_parser as trainer_parser
+    from tuning.task import build_parser as tuning_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    for build in (trainer_parser, tuning_parser, vertex_parser):
+        yield from walk(build())
+
+
+def test_every_flag_has_help_and_no_doubled_or_misleading_default():
+    import argparse
+
+    checked = 0
+    for parser in _parsers_with_help():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help, f"{name} has no help text"
+            shown = formatter._get_help_string(action) % dict(vars(action), prog=parser.prog)
+            assert shown.count("default:") <= 1, f"{name}: {shown}"
+            for misleading in ("default: None", "default: True", "default: False"):
+                assert misleading not in shown, f"{name}: {shown}"
+            checked += 1
+    assert checked > 60
+
+
+def test_recipe_flags_say_their_values_come_from_the_preset():
+    from trainer.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "--epochs EPOCHS passes over the training split (from --preset: default 15, seed 10)" in text
+    assert "--batch-norm, --no-batch-norm batch normalisation after each conv and the dense layer (from --preset: " \
+           "default on, seed off)" in text

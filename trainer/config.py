@@ -259,19 +259,42 @@ def output_overlap(folders: Mapping[str, str], canonical) -> Optional[str]:
     return None
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """A flag's default after its help only when it says something: not for unset (None) values, on/off
+    switches, or help that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or isinstance(action.default, bool)
+                or "default" in text):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _preset_values(key: str) -> str:
+    """' (from --preset: default X, seed Y)' for a recipe flag's help."""
+    def shown(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) \
+            else str(value)
+
+    return f" (from --preset: default {shown(DEFAULT_RECIPE[key])}, seed {shown(SEED_RECIPE[key])})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.task",
         description="Train, evaluate and export a CNN on MNIST-format 28x28 grayscale images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="mnist",
                       help="a TFDS name (mnist, fashion_mnist, kmnist) or idx:FOLDER (local or gs://) "
                            "holding the four MNIST-format IDX files, gzipped or not")
-    data.add_argument("--data-dir", default=None, help="TFDS data folder (default: TFDS's own, ~/tensorflow_datasets)")
+    data.add_argument("--data-dir", default=None, help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     data.add_argument("--train-limit", type=int, default=None,
-                      help="use at most this many training examples (before the validation split)")
+                      help="use at most this many training examples (before the validation split; default: all)")
     data.add_argument("--validation-fraction", type=float, default=0.1,
                       help="share of the (limited) training split held out for validation, seeded")
     data.add_argument("--class-names", default="auto",
@@ -281,26 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and training (unset values come from --preset)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="default",
                        help="seed: the seed notebook's exact recipe; default: this project's recipe (README, "
-                            "Results): --filters 16,32 --convs-per-block 2 --padding same --batch-norm "
-                            "--dense-units 256 --dropout 0.4 --learning-rate 2e-3 --lr-schedule cosine "
-                            "--augment shift --epochs 15")
-    model.add_argument("--epochs", type=int, default=None)
-    model.add_argument("--batch-size", type=int, default=None, help="global batch size, split across replicas")
-    model.add_argument("--learning-rate", type=float, default=None)
-    model.add_argument("--filters", type=_positive_int_list, default=None,
-                       help="comma list of conv filter counts, one conv+pool block each")
-    model.add_argument("--dense-units", type=int, default=None)
-    model.add_argument("--dropout", type=float, default=None, help="dropout rate before the output layer")
-    model.add_argument("--convs-per-block", type=int, default=None, help="3x3 convolutions before each max-pool")
-    model.add_argument("--padding", choices=PADDINGS, default=None, help="conv padding (same keeps 28x28 per block)")
-    model.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
-                       help="batch normalisation after each conv and the dense layer")
-    model.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None,
-                       help="constant, or cosine decay to 0 over the run (after --warmup-epochs of linear warm-up)")
-    model.add_argument("--warmup-epochs", type=float, default=None, help="linear learning-rate warm-up")
-    model.add_argument("--augment", choices=AUGMENTATIONS, default=None,
-                       help="training-time augmentation: random shifts of up to 2 pixels (and horizontal flips: "
-                            "fine for clothing, wrong for digits)")
+                            "Results); each flag below shows both values")
+
+    def recipe_flag(flag: str, help_text: str, **kwargs):
+        key = flag[2:].replace("-", "_")
+        model.add_argument(flag, default=None, help=help_text + _preset_values(key), **kwargs)
+
+    recipe_flag("--epochs", "passes over the training split", type=int)
+    recipe_flag("--batch-size", "global batch size, split across replicas", type=int)
+    recipe_flag("--learning-rate", "Adam's (peak) learning rate", type=float)
+    recipe_flag("--filters", "comma list of conv filter counts, one conv+pool block each", type=_positive_int_list)
+    recipe_flag("--dense-units", "units of the hidden dense layer", type=int)
+    recipe_flag("--dropout", "dropout rate before the output layer", type=float)
+    recipe_flag("--convs-per-block", "3x3 convolutions before each max-pool", type=int)
+    recipe_flag("--padding", "conv padding (same keeps 28x28 per block)", choices=PADDINGS)
+    recipe_flag("--batch-norm", "batch normalisation after each conv and the dense layer",
+                action=argparse.BooleanOptionalAction)
+    recipe_flag("--lr-schedule", "constant, or cosine decay to 0 over the run (after --warmup-epochs of linear "
+                "warm-up)", choices=LR_SCHEDULES)
+    recipe_flag("--warmup-epochs", "epochs of linear learning-rate warm-up from a tenth of the rate", type=float)
+    recipe_flag("--augment", "training-time augmentation: random shifts of up to 2 pixels (and horizontal flips: "
+                "fine for clothing, wrong for digits)", choices=AUGMENTATIONS)
     model.add_argument("--seed", type=int, default=42, help="seeds weights, shuffling, dropout and the split")
 
     out = parser.add_argument_group("outputs (local paths or gs://; AIP_* variables are the defaults on Vertex AI)")
@@ -312,10 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--checkpoint-dir", default=None,
                      help="checkpoint folder (default: AIP_CHECKPOINT_DIR, else JOB_DIR/checkpoints)")
     out.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="start fresh even when the checkpoint folder holds a checkpoint")
+                     help="start fresh even when the checkpoint folder holds a checkpoint (default: resume, and a "
+                          "finished run is reported without rewriting its outputs)")
     out.add_argument("--hypertune", action="store_true",
                      help="report val_accuracy every epoch through cloudml-hypertune (Vertex AI tuning jobs; "
-                          "on by default when CLOUD_ML_HP_METRIC_FILE is set)")
+                          "on when CLOUD_ML_HP_METRIC_FILE is set)")
     model.add_argument("--hparams-file", default=None,
                        help="JSON of flag values (e.g. tuning's best_hyperparameters.json); explicit flags win")
 
@@ -338,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ops run in parallel (0: 1 on a CPU-only host, else TensorFlow's choice)")
     dist.add_argument("--profile-steps", type=_step_range, default=None,
                       help="START,END: record a TensorFlow profile of these training steps into the log dir "
-                           "(TensorBoard's Profile tab, with the tensorboard-plugin-profile package)")
+                           "(TensorBoard's Profile tab, with the tensorboard-plugin-profile package; default: off)")
     dist.add_argument("--steps-per-execution", type=int, default=20,
                       help="training steps run per tf.function call (fewer Python round trips; signals and "
                            "the progress bar are handled between calls)")

@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
-from trainer.config import PRESETS, Config
+from trainer.config import PRESETS, Config, HelpFormatter
 from trainer.errors import TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
@@ -60,37 +60,45 @@ def _float_list(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tuning.task", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     search = parser.add_argument_group("search")
-    search.add_argument("--tuner", choices=TUNERS, default="random")
+    search.add_argument("--tuner", choices=TUNERS, default="random", help="KerasTuner's search algorithm")
     search.add_argument("--max-trials", type=int, default=None,
-                        help="trials for random and bayesian (default 10); hyperband is bounded by --max-epochs")
-    search.add_argument("--max-epochs", type=int, default=None, help="hyperband: epochs of its longest trial (default 9)")
-    search.add_argument("--hyperband-factor", type=int, default=3)
+                        help="trials for random and bayesian (default: 10); hyperband is bounded by --max-epochs")
+    search.add_argument("--max-epochs", type=int, default=None, help="hyperband: epochs of its longest trial (default: 9)")
+    search.add_argument("--hyperband-factor", type=int, default=3,
+                        help="hyperband: each bracket keeps 1/FACTOR of its trials for the next round")
     search.add_argument("--epochs", type=int, default=3, help="epochs per trial (random, bayesian)")
     search.add_argument("--blocks", type=int, default=2, help="conv blocks; each block's filters are searched")
-    search.add_argument("--filter-choices", type=_int_list, default=(16, 32, 64))
+    search.add_argument("--filter-choices", type=_int_list, default=(16, 32, 64),
+                        help="filter counts each block chooses from (default: 16,32,64)")
     search.add_argument("--dropout-range", type=dropout_range, default="0.1:0.6:0.1",
                         help="MIN:MAX[:STEP]: dropout rates on a grid of STEP, or continuous without one")
-    search.add_argument("--dense-units-choices", type=_int_list, default=(), help="search dense units too")
-    search.add_argument("--learning-rate-choices", type=_float_list, default=(), help="search the learning rate too")
+    search.add_argument("--dense-units-choices", type=_int_list, default=(),
+                        help="comma list: search the dense layer's units too (default: the preset's)")
+    search.add_argument("--learning-rate-choices", type=_float_list, default=(),
+                        help="comma list: search the learning rate too (default: the preset's)")
     search.add_argument("--resume", action="store_true",
                         help="continue the search already in --job-dir (refused if its settings differ)")
     search.add_argument("--overwrite", action="store_true", help="delete the search already in --job-dir")
     search.add_argument("--retrain", action="store_true",
                         help="train the best configuration with the trainer and export it to JOB_DIR/best")
-    search.add_argument("--retrain-epochs", type=int, default=None, help="default: the preset's epochs")
+    search.add_argument("--retrain-epochs", type=int, default=None, help="epochs of the retraining (default: the preset's epochs)")
 
     data = parser.add_argument_group("data and fixed settings (as trainer.task)")
-    data.add_argument("--dataset", default="mnist")
-    data.add_argument("--data-dir", default=None)
-    data.add_argument("--train-limit", type=int, default=None)
-    data.add_argument("--validation-fraction", type=float, default=0.1)
-    data.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    data.add_argument("--batch-size", type=int, default=None)
-    data.add_argument("--learning-rate", type=float, default=None)
-    data.add_argument("--dense-units", type=int, default=None)
-    data.add_argument("--seed", type=int, default=42)
+    data.add_argument("--dataset", default="mnist", help="a TFDS name or idx:FOLDER, as trainer.task")
+    data.add_argument("--data-dir", default=None, help="TFDS data folder (default: TFDS's own)")
+    data.add_argument("--train-limit", type=int, default=None,
+                      help="use at most this many training examples (default: all)")
+    data.add_argument("--validation-fraction", type=float, default=0.1,
+                      help="share of the training split held out to score trials")
+    data.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                      help="the recipe trials start from; the search replaces filters and dropout")
+    data.add_argument("--batch-size", type=int, default=None, help="global batch size (default: from --preset)")
+    data.add_argument("--learning-rate", type=float, default=None, help="Adam's learning rate (default: from --preset)")
+    data.add_argument("--dense-units", type=int, default=None,
+                      help="units of the hidden dense layer (default: from --preset)")
+    data.add_argument("--seed", type=int, default=42, help="seeds the tuner, the split and every trial")
     data.add_argument("--job-dir", required=True,
                       help="local folder, shared by all workers of a distributed search (on Vertex AI the "
                            "Cloud Storage mount /gcs/BUCKET/...; gs:// URLs are refused)")
