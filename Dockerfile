@@ -2,7 +2,11 @@
 #   docker build -t trainer:cpu .                                       CPU (default)
 #   docker build --build-arg VARIANT=gpu -t trainer:gpu .               CUDA GPUs (tensorflow[and-cuda])
 #   docker build --build-arg VARIANT=tpu -t trainer:tpu .               Cloud TPU VMs (tensorflow-tpu 2.20 + pinned libtpu)
-# The entry point is the trainer: `docker run trainer:cpu --dataset idx:/data --epochs 1`.
+# The entry point is the trainer. Mount the data and a job dir, so the outputs outlive the container
+# (--user: your uid, so the files are yours and the mounted folder writable):
+#   mkdir -p runs && docker run --rm --user "$(id -u):$(id -g)" \
+#       -v /usr/share/datasets/fashion-mnist:/data:ro -v "$PWD/runs:/runs" \
+#       trainer:cpu --dataset idx:/data --job-dir /runs/docker1 --epochs 1
 # tuning.task runs from the same image: `--entrypoint python ... -m tuning.task`.
 
 ARG PYTHON_VERSION=3.11
@@ -18,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=2
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    MPLCONFIGDIR=/tmp/matplotlib
 
 RUN useradd --create-home --uid 1000 trainer
 WORKDIR /opt/mnist-trainer

@@ -242,3 +242,24 @@ def test_gs_model_dir_holding_other_files_is_refused(gcs, bucket, tmp_path):
     # a publish cut short (some export files copied, no _SUCCESS yet) is still a model folder: reruns go on
     bucket.blob("cut-short/model/class_names.json").upload_from_string(b"[]")
     prepare_outputs(Config(job_dir=str(tmp_path / "job2"), model_dir="gs://mnist-runs/cut-short/model")).close()
+
+
+def test_colab_notebook_shows_a_gs_job_dirs_metrics_and_plots(gcs, bucket, seed_run, monkeypatch, capsys):
+    """The notebook's results cell, run as written against a finished run copied to the bucket (the
+    whole notebook runs end to end with a local JOB_DIR in test_deploy.py)."""
+    import IPython.display
+
+    from conftest import ROOT_DIR
+    from trainer import storage
+
+    job_dir, metrics, _ = seed_run
+    storage.upload_file(os.path.join(job_dir, "metrics.json"), "gs://mnist-runs/colab/metrics.json")
+    storage.sync_up(os.path.join(job_dir, "plots"), "gs://mnist-runs/colab/plots")
+    with open(os.path.join(ROOT_DIR, "deploy", "colab_tpu.ipynb")) as handle:
+        cells = [cell for cell in json.load(handle)["cells"] if cell["cell_type"] == "code"]
+    results_cell = "".join(next(cell["source"] for cell in cells if "metrics.json" in "".join(cell["source"])))
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda image: shown.append(image))
+    exec(results_cell, {"JOB_DIR": "gs://mnist-runs/colab", "os": os})
+    assert f"test accuracy {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
+    assert len(shown) == 3 and all(image.data.startswith(b"\x89PNG") for image in shown)
