@@ -128,12 +128,13 @@ def main_in_fresh_interpreter(module, args, cwd=ROOT_DIR, **env):
 
 
 def start_cli(args, log_path, **env):
-    """Start the trainer in the background, its output going to `log_path`; returns the Popen."""
+    """Start the trainer in the background, its output going to `log_path`; returns the Popen. No `-u`:
+    the trainer itself line-buffers its output, and the tests that wait for a line check that it does."""
     import subprocess
     import sys
 
     handle = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-u", "-m", "trainer.task", *args], cwd=ROOT_DIR,
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=ROOT_DIR,
                             env=trainer_env(**env), stdout=handle, stderr=subprocess.STDOUT)
 
 

@@ -20,7 +20,15 @@ def _quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def _line_buffered() -> None:
+    """Progress lines reach a log file or pipe as they are printed, not in 8 KiB blocks at exit."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # not when a test has swapped in a StringIO
+            stream.reconfigure(line_buffering=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    _line_buffered()
     try:
         config = parse_config(argv, os.environ)  # exits 2 on a syntax or range error
     except TrainerError as error:  # --hparams-file could not be read
