@@ -24,20 +24,25 @@ CLASS_NAME_SETS = {
                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
 }
 
-def _positive_int_list(text: str) -> Tuple[int, ...]:
+def _positive_int_list(text: str, what: str = "filter count") -> Tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}")
     if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every filter count must be a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"every {what} must be a positive integer, got {text!r}")
     return values
 
 
 def _step_range(text: str) -> Tuple[int, int]:
-    values = _positive_int_list(text)
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
     if len(values) != 2:
         raise argparse.ArgumentTypeError(f"expected START,END such as 10,20, got {text!r}")
+    if not 1 <= values[0] < values[1]:
+        raise argparse.ArgumentTypeError(f"needs 1 <= START < END (steps count from 1), got {text!r}")
     return values
 
 
@@ -86,6 +91,29 @@ AUGMENTATIONS = ("none", "shift", "shift-flip")
 PADDINGS = ("valid", "same")
 
 _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:[0-9.*]+)?$")
+# Cloud Storage bucket names: 3-63 characters (up to 222 with dots), lowercase letters, digits, -, _ and .,
+# starting and ending with a letter or digit.
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+# Upper bounds the machine or the numbers set (README, Settings): seeds are 32-bit (NumPy's generator and
+# the data order), thread pools beyond a few per core only cost memory and start-up (50,000 hung here).
+MAX_SEED = 2 ** 32 - 1
+MAX_EPOCHS = 1_000_000
+MAX_CPU_DEVICES = 64
+
+
+def max_threads() -> int:
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def bucket_problem(path: str) -> Optional[str]:
+    """Why a gs:// path's bucket name is not one Cloud Storage accepts, or None."""
+    bucket = path[len("gs://"):].split("/", 1)[0]
+    if not bucket:
+        return "has no bucket name"
+    if not _BUCKET_NAME.match(bucket) or ".." in bucket or (len(bucket) > 63 and "." not in bucket):
+        return (f"bucket name {bucket!r} is not valid (3-63 lowercase letters, digits, '-', '_' or '.', starting "
+                "and ending with a letter or digit)")
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +199,8 @@ def validate(config: Config) -> None:
             raise ValueError(message)
 
     require(config.epochs >= 1, f"--epochs must be at least 1, got {config.epochs}")
+    require(config.epochs <= MAX_EPOCHS, f"--epochs must be at most {MAX_EPOCHS:,}, got {config.epochs}")
+    require(0 <= config.seed <= MAX_SEED, f"--seed must be in [0, 2**32 - 1], got {config.seed}")
     require(config.batch_size >= 1, f"--batch-size must be at least 1, got {config.batch_size}")
     require(config.learning_rate > 0 and math.isfinite(config.learning_rate),
             f"--learning-rate must be a positive finite number, got {config.learning_rate}")
@@ -192,9 +222,11 @@ def validate(config: Config) -> None:
             f"--profile-steps needs START,END with 1 <= START < END, got {config.profile_steps}")
     require(config.steps_per_execution >= 1,
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
-    require(config.cpu_devices >= 0, f"--cpu-devices must be 0 or more, got {config.cpu_devices}")
-    require(config.intra_op_threads >= 0 and config.inter_op_threads >= 0,
-            "--intra-op-threads and --inter-op-threads must be 0 (TensorFlow's choice) or more")
+    require(0 <= config.cpu_devices <= MAX_CPU_DEVICES,
+            f"--cpu-devices must be in [0, {MAX_CPU_DEVICES}], got {config.cpu_devices}")
+    for flag, value in (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads)):
+        require(0 <= value <= max_threads(), f"{flag} must be in [0, {max_threads()}] (0: TensorFlow's choice; the "
+                                             f"bound is 4 per CPU of this machine, at least 64), got {value}")
     require(config.mixed_precision in MIXED_PRECISION,
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
@@ -208,6 +240,10 @@ def validate(config: Config) -> None:
     if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
         require(len(config.class_names.split(",")) == 10,
                 "--class-names must be auto, digits, fashion or ten comma-separated names")
+    for flag, path in list(output_folders(config).items()) + [("--dataset idx:", config.idx_dir)]:
+        if path.startswith("gs://"):
+            problem = bucket_problem(path)
+            require(problem is None, f"{flag}{'' if flag.endswith(':') else ' '}{path}: {problem}")
     overlap = output_overlap(output_folders(config), lexical_path)
     require(overlap is None, overlap or "")
 
@@ -392,6 +428,9 @@ def read_hparams_file(path: str) -> dict:
         raise TrainerError(f"--hparams-file {path}: cannot read it ({error.strerror})") from None
     except json.JSONDecodeError as error:
         raise TrainerError(f"--hparams-file {path}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise TrainerError(f"--hparams-file {path}: not UTF-8 text (byte {error.start}); save it as UTF-8 JSON") \
+            from None
     if not isinstance(raw, dict):
         raise TrainerError(f"--hparams-file {path}: expected a JSON object of flag values")
     unknown = sorted(set(raw) - set(HPARAM_KEYS))
