@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 from trainer import export
 from trainer.config import RESUME_KEYS, Config
-from trainer.errors import TrainerError
+from trainer.errors import TrainerError, writing
 
 # 2: augmentation moved from model layers into the input pipeline (older checkpoints of augmented models
 # hold layers the model no longer has).
@@ -105,8 +105,9 @@ class Checkpoints:
             history = _json_load(os.path.join(source, HISTORY_FILE), [])
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
-            export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
-                                     dict(resume_settings(self.config), checkpoint_format=CHECKPOINT_FORMAT))
+            with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot write {RUN_CONFIG_FILE}"):
+                export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
+                                         dict(resume_settings(self.config), checkpoint_format=CHECKPOINT_FORMAT))
             self.outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir, max_to_keep=MAX_TO_KEEP)
         return history
@@ -136,21 +137,32 @@ class Checkpoints:
 
     @property
     def latest(self) -> str:
-        return self.manager.latest_checkpoint if self.manager else None
+        """The latest checkpoint as the user knows it (its gs:// path when the folder is staged), or None."""
+        return self._shown(self.manager.latest_checkpoint) if self.manager else None
+
+    def _shown(self, path):
+        staged = self.outputs.checkpoint_dir
+        if path and self.config.checkpoint_dir != staged and path.startswith(staged):
+            return self.config.checkpoint_dir.rstrip("/") + "/" + path[len(staged):].lstrip(os.sep)
+        return path
 
     def save_mid_epoch(self, epoch: int, step: int) -> str:
         """After a stop signal inside an epoch: the exact step, to resume from it."""
         self.checkpoint.epoch.assign(epoch)
         self.checkpoint.step.assign(step)
-        saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
+        with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}, "
+                     f"step {step}"):
+            saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
         self.outputs.sync_checkpoints()
         self.outputs.sync_logs()
-        return saved
+        return self._shown(saved)
 
     def save_epoch(self, epoch: int, history: List[dict]) -> None:
         """After epoch `epoch` (0-based) completed: the checkpoint, then history.json, then the gs:// sync."""
         self.checkpoint.epoch.assign(epoch + 1)
         self.checkpoint.step.assign(0)
-        self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)
-        export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
+        with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}",
+                     f"the last saved one is kept: {self.latest or 'none yet'}"):
+            self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)
+            export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
         self.outputs.sync_checkpoints()

@@ -96,15 +96,21 @@ def load_idx_folder(folder: str) -> dict:
         folder = cached_copy(folder)  # checked against the bucket on every run; only changed objects download
     if not os.path.isdir(folder):
         raise TrainerError(f"{folder}: no such folder (--dataset idx:{folder})")
-    arrays = {key: read_idx(_find_idx_file(folder, stem, shown), key.split("_")[1])
-              for key, stem in IDX_FILES.items()}
+    try:
+        arrays = {key: read_idx(_find_idx_file(folder, stem, shown), key.split("_")[1])
+                  for key, stem in IDX_FILES.items()}
+    except TrainerError as error:
+        if shown == folder:
+            raise
+        # name the object in the bucket, not the local cache file the user never chose
+        raise TrainerError(str(error).replace(folder.rstrip(os.sep), shown.rstrip("/"))) from None
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(images) != len(labels):
-            raise TrainerError(f"{folder}: {IDX_FILES[split + '_images']} holds {len(images)} images but "
+            raise TrainerError(f"{shown}: {IDX_FILES[split + '_images']} holds {len(images)} images but "
                                f"{IDX_FILES[split + '_labels']} holds {len(labels)} labels")
         if len(images) == 0:
-            raise TrainerError(f"{folder}: {IDX_FILES[split + '_images']} holds no images")
+            raise TrainerError(f"{shown}: {IDX_FILES[split + '_images']} holds no images")
     return arrays
 
 

@@ -1,7 +1,12 @@
 """The one exception type for faults a user can fix (bad file, missing folder, offline...).
 
-`trainer.task` turns it into one line on stderr and exit code 1, with no traceback.
+`trainer.task` turns it into one line on stderr and exit code 1, with no traceback. `writing(what)`
+turns the faults of writing outputs (a full disk, a vanished folder, TensorFlow's file errors) into one.
 """
+
+import contextlib
+import re
+import sys
 
 
 class TrainerError(Exception):
@@ -16,8 +21,10 @@ class TrainingDiverged(TrainerError):
         self.detail = detail
 
 
-class Interrupted(Exception):
-    """Training stopped by SIGTERM (exit 143) or Ctrl-C (exit 130) after saving a checkpoint."""
+class Interrupted(BaseException):
+    """Training stopped by SIGTERM (exit 143) or Ctrl-C (exit 130). A BaseException, as KeyboardInterrupt
+    is: code that catches Exception (a tuner recording a failed trial, a download's fault handler) must
+    not turn a stop into something else."""
 
     def __init__(self, exit_code: int, message: str):
         super().__init__(message)
@@ -34,3 +41,32 @@ def require_tensorflow():
         raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
                            "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
     return tensorflow
+
+
+def fault_reason(error: BaseException) -> str:
+    """The part of an OSError's or TensorFlow error's text a user needs: 'No space left on device', not
+    TensorFlow's function-node and op decorations, the temporary file names or request URLs."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(getattr(error, "message", "") or error).strip().splitlines()[0] if str(error).strip() else ""
+    text = re.sub(r"\{\{[^}]*\}\}|\[Op:[^\]]*\]", "", text)
+    text = re.sub(r"https?://\S+", "(a request URL)", text).strip()
+    return text.rsplit("; ", 1)[-1].strip() or type(error).__name__
+
+
+def is_tensorflow_error(error: BaseException) -> bool:
+    """A tf.errors.OpError, told apart without importing TensorFlow."""
+    errors = sys.modules.get("tensorflow.python.framework.errors_impl")
+    return errors is not None and isinstance(error, errors.OpError)
+
+
+@contextlib.contextmanager
+def writing(what: str, consequence: str = ""):
+    """Raise TrainerError('WHAT: reason; CONSEQUENCE') for a fault while writing (e.g. what = '--model-dir X:
+    cannot write the model', reason 'No space left on device'); other exceptions pass through as they are."""
+    try:
+        yield
+    except Exception as error:
+        if not (isinstance(error, (OSError, MemoryError)) or is_tensorflow_error(error)):
+            raise
+        raise TrainerError(f"{what}: {fault_reason(error)}" + (f"; {consequence}" if consequence else "")) from None

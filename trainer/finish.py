@@ -9,6 +9,7 @@ import numpy as np
 
 from trainer import export
 from trainer.config import Config
+from trainer.errors import writing
 
 
 def weights_checksum(model) -> str:
@@ -54,7 +55,9 @@ def write_outputs(config: Config, outputs, model, splits, metrics: dict, predict
     val_images, val_labels = splits.validation
     misclassified = export.misclassified_png(val_images, val_labels, predictions["validation"], splits.class_names)
     summaries.image("misclassified", misclassified, step=config.epochs)
-    export.export_model(model, outputs.model_dir, splits.class_names)
+    with writing(f"--model-dir {config.model_dir}: cannot write the model",
+                 "the previous model there, if any, is untouched; the checkpoints are kept, so a rerun exports again"):
+        export.export_model(model, outputs.model_dir, splits.class_names)
     if not outputs.is_chief:
         return
     outputs.publish_model()
@@ -63,8 +66,9 @@ def write_outputs(config: Config, outputs, model, splits, metrics: dict, predict
     pngs["confusion_matrix.png"] = export.confusion_png(
         matrix, splits.class_names, f"{short_name(splits.name)} test set: accuracy {metrics['test_accuracy']:.4f}")
     pngs["misclassified.png"] = misclassified
-    export.write_plots(outputs.plots_dir, pngs)
-    export.write_json_atomic(outputs.metrics_path, metrics)
+    with writing(f"--job-dir {config.job_dir}: cannot write plots/ and metrics.json", "the model is exported"):
+        export.write_plots(outputs.plots_dir, pngs)
+        export.write_json_atomic(outputs.metrics_path, metrics)
     outputs.publish_job_files()
     log(f"wrote {outputs.shown('model_dir')}, metrics.json and plots/ in {outputs.shown('job_dir')}, "
         f"logs in {outputs.shown('log_dir')}")

@@ -196,9 +196,9 @@ class GcsLock:
 
     def release(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * storage.TIMEOUT)  # no refresh in flight while we delete
-        try:
-            self.blob.delete(if_generation_match=self.generation, timeout=storage.TIMEOUT)
+        self._thread.join(timeout=storage.TIMEOUT + 1)  # no refresh in flight while we delete
+        try:  # best effort, briefly: after an outage the run is ending with its error line already decided
+            self.blob.delete(if_generation_match=self.generation, retry=None, timeout=min(5.0, storage.TIMEOUT))
         except Exception:
             pass  # gone, taken over or unreachable: a stale lock is taken over after STALE_SECONDS
 

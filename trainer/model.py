@@ -9,6 +9,7 @@ The model knows nothing about data or strategies; build it inside `strategy.scop
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from trainer.errors import TrainerError
@@ -42,8 +43,44 @@ def max_blocks(size: int = IMAGE_SIZE, shrink: int = 2) -> int:
     return blocks
 
 
-def check_fits(config) -> None:
+def check_fits(config, replicas: int = 1) -> None:
+    """The network fits 28x28 inputs, and its training needs fit this machine's memory (before allocating)."""
     feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
+    needed, available = training_memory_bytes(config, config.batch_size // max(replicas, 1)), physical_memory()
+    if available and needed > available:
+        gib = 1024 ** 3
+        raise TrainerError(f"the model is too large for this machine: --filters {','.join(map(str, config.filters))} "
+                           f"--dense-units {config.dense_units} --batch-size {config.batch_size} need about "
+                           f"{needed / gib:,.1f} GiB for weights, optimizer state and activations, and the machine "
+                           f"has {available / gib:,.1f} GiB; lower them")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def training_memory_bytes(config, batch_size: int) -> int:
+    """A lower estimate of what one replica's training step holds, float32: each weight four times (the
+    weight, its gradient, Adam's two moments) and each layer's activations about twice (forward output and
+    its gradient; three times with batch norm). Real use is higher, so only a model that cannot fit is refused."""
+    size, channels, weights, activations = IMAGE_SIZE, 1, 0, 0
+    per_activation = 3 if config.batch_norm else 2
+    sizes = feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
+    for filters, pooled in zip(config.filters, sizes):
+        for _ in range(config.convs_per_block):
+            size = size if config.padding == "same" else size - 2
+            weights += 9 * channels * filters + filters
+            activations += batch_size * size * size * filters * per_activation
+            channels = filters
+        size = pooled
+    flat = size * size * channels
+    weights += flat * config.dense_units + config.dense_units + config.dense_units * NUM_CLASSES + NUM_CLASSES
+    activations += batch_size * (flat + config.dense_units * per_activation + NUM_CLASSES)
+    return 4 * (4 * weights + activations)
 
 
 def batch_norm_momentum(steps_per_epoch: int) -> float:

@@ -1,8 +1,20 @@
-"""The stop signal: SIGTERM / Ctrl-C set a flag that the loop checks between multi-step calls.
+"""SIGTERM and Ctrl-C in every phase of a run, each with a deliberate outcome.
 
-In a cluster every worker must stop at the same step (a worker that runs one more step than its peers
-waits forever in a collective), so `should_stop` is a vote: the flags are all-reduced and everybody
-stops when anybody was told to.
+`RunSignals` (installed by `trainer.task` around the whole run) records the signal and acts by phase:
+  start      (before the first training step) a single process stops at once: Interrupted is raised
+             from the handler; in a cluster the signal is only recorded, and the first vote of the
+             training loop stops every worker together (one that left alone would strand its peers);
+  training   the flag is checked between multi-step calls and after each epoch's validation (see
+             `StopSignal`);
+  finishing  (test evaluation, export, upload) the run completes its outputs first (seconds; Vertex AI
+             allows 30 s between SIGTERM and SIGKILL, and an export cut short by SIGKILL leaves the
+             previous model untouched), then `trainer.task` exits 143/130. A second signal to a single
+             process stops it at once, in any phase.
+
+`StopSignal` is the training loop's view: in a cluster every worker must stop at the same step (a worker
+that runs one more step than its peers waits forever in a collective), so `should_stop` is a vote: the
+flags are all-reduced and everybody stops when anybody was told to. Code that drives the loop without
+`trainer.task` (the tuner, tests) gets handlers of its own from StopSignal for the loop's duration.
 """
 
 from __future__ import annotations
@@ -11,19 +23,76 @@ import signal
 import threading
 from typing import Optional
 
+from trainer.errors import Interrupted
+
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+NAMES = {143: "SIGTERM", 130: "interrupt"}
 
 
-class StopSignal:
-    """Use as a context manager around the epochs; handlers are restored on exit."""
+class RunSignals:
+    """Process-wide: the signal received (exit code) and the phase it arrived in."""
 
-    def __init__(self, strategy=None, num_workers: int = 1):
+    current: Optional["RunSignals"] = None
+
+    def __init__(self, single_process: bool):
+        self.single_process = single_process
         self.exit_code: Optional[int] = None
+        self.phase = "start"
         self._previous = {}
-        self._vote = _make_vote(strategy) if num_workers > 1 else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
+            for signum, code in EXIT_CODES.items():
+                self._previous[signum] = signal.signal(signum, self._handle(code))
+            RunSignals.current = self
+        return self
+
+    def _handle(self, code: int):
+        def handle(signum, frame):
+            first = self.exit_code is None
+            self.exit_code = code
+            if self.single_process and (self.phase == "start" or not first):
+                self.phase = "stopped"
+                if first:
+                    raise Interrupted(code, f"stopped by {NAMES[code]} before training started; nothing was saved")
+                raise Interrupted(code, f"stopped by a second {NAMES[code]}; the outputs of this run may be "
+                                        "incomplete (an export cut short leaves the previous model untouched), "
+                                        "the checkpoints are kept: rerun the same command to finish")
+        return handle
+
+    def __exit__(self, *exc):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        if RunSignals.current is self:
+            RunSignals.current = None
+
+
+class StopSignal:
+    """Use as a context manager around the epochs; handlers are restored on exit. Under `RunSignals`
+    it reads that record (a signal during start-up counts) and moves the phase on."""
+
+    def __init__(self, strategy=None, num_workers: int = 1):
+        self._own_code: Optional[int] = None
+        self._previous = {}
+        self._run = RunSignals.current
+        self._vote = _make_vote(strategy) if num_workers > 1 else None
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        return self._run.exit_code if self._run is not None else self._own_code
+
+    @exit_code.setter
+    def exit_code(self, code: Optional[int]) -> None:
+        if self._run is not None:
+            self._run.exit_code = code
+        else:
+            self._own_code = code
+
+    def __enter__(self):
+        if self._run is not None:
+            self._run.phase = "training"
+        elif threading.current_thread() is threading.main_thread():
             for signum, code in EXIT_CODES.items():
                 self._previous[signum] = signal.signal(signum, self._handler(code))
         return self
@@ -34,6 +103,8 @@ class StopSignal:
         return handle
 
     def __exit__(self, *exc):
+        if self._run is not None and self._run.phase == "training":
+            self._run.phase = "finishing"
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()

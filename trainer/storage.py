@@ -19,11 +19,21 @@ from typing import Iterable, Optional, Tuple
 from trainer.errors import TrainerError
 
 SUCCESS_MARKER = "_SUCCESS"
-_ATTEMPTS = 3
-# Seconds one request may take. Requests go out without the client's own retry policy (which keeps
-# retrying for up to two minutes): `call` retries transient faults _ATTEMPTS times, so an unreachable
-# Cloud Storage is reported in one line within a bounded time.
-TIMEOUT = 30.0
+
+
+def _deadline_from_environment() -> float:
+    try:
+        return max(3.0, float(os.environ.get("MNIST_TRAINER_GCS_DEADLINE", "60")))
+    except ValueError:
+        return 60.0
+
+
+# Requests go out without the client's own retry policy (which keeps retrying for two minutes and then
+# raises an error quoting request URLs): `call` retries transient faults itself until DEADLINE seconds
+# have passed, each request taking at most TIMEOUT, so an unreachable Cloud Storage is one line within
+# DEADLINE seconds (60 by default; MNIST_TRAINER_GCS_DEADLINE changes it).
+DEADLINE = _deadline_from_environment()
+TIMEOUT = min(20.0, DEADLINE / 3)
 
 
 def is_gcs(path: Optional[str]) -> bool:
@@ -75,19 +85,23 @@ def _transient_errors() -> tuple:
     from google.api_core import exceptions
 
     return (exceptions.TooManyRequests, exceptions.InternalServerError, exceptions.BadGateway,
-            exceptions.ServiceUnavailable, exceptions.GatewayTimeout, ConnectionError, TimeoutError,
+            exceptions.ServiceUnavailable, exceptions.GatewayTimeout, exceptions.RetryError, ConnectionError,
+            TimeoutError,
             requests.exceptions.ConnectionError, requests.exceptions.Timeout,
             google.auth.exceptions.TransportError, _ChecksumMismatch)
 
 
 def call(action, what: str, not_found: Optional[str] = None, passthrough: tuple = ()):
-    """Run one Cloud Storage request: transient faults retried, every other fault one TrainerError line.
+    """Run one Cloud Storage request: transient faults retried (with growing pauses) while DEADLINE
+    allows another attempt, every other fault one TrainerError line.
 
     Exceptions in `passthrough` (e.g. PreconditionFailed for the job-dir lock) reach the caller as they are.
     """
     from google.api_core import exceptions
 
-    for attempt in range(1, _ATTEMPTS + 1):
+    started, attempt = time.monotonic(), 0
+    while True:
+        attempt += 1
         try:
             return action()
         except passthrough:
@@ -95,10 +109,11 @@ def call(action, what: str, not_found: Optional[str] = None, passthrough: tuple 
         except exceptions.NotFound:
             raise TrainerError(not_found or f"{what}: not found") from None
         except _transient_errors() as error:
-            if attempt == _ATTEMPTS:
-                raise TrainerError(f"{what}: cannot reach Cloud Storage, failed after {_ATTEMPTS} attempts "
-                                   f"({_describe(error)})") from None
-            time.sleep(0.5 * 2 ** attempt)
+            pause = min(0.5 * 2 ** attempt, 8.0)
+            if time.monotonic() - started + pause + TIMEOUT > DEADLINE:
+                raise TrainerError(f"{what}: cannot reach Cloud Storage ({_describe(error)}; {attempt} attempts in "
+                                   f"{time.monotonic() - started:.0f} s)") from None
+            time.sleep(pause)
         except exceptions.GoogleAPICallError as error:
             raise TrainerError(f"{what}: {_describe(error)}") from None
 
@@ -124,17 +139,16 @@ def check_writable(url: str) -> None:
 
     bucket_name, prefix = split_url(url)
     probe = client().bucket(bucket_name).blob(_join(prefix, f".write-test-{uuid.uuid4().hex}"))
+
+    def write_and_delete():
+        probe.upload_from_string(b"", retry=None, timeout=TIMEOUT)
+        probe.delete(retry=None, timeout=TIMEOUT)
+
     try:
-        probe.upload_from_string(b"", retry=None)
-        probe.delete()
-    except exceptions.NotFound:
-        raise TrainerError(f"gs://{bucket_name}: bucket does not exist (create it, or fix the path {url})") from None
+        call(write_and_delete, url, not_found=f"gs://{bucket_name}: bucket does not exist (create it, or fix the "
+                                             f"path {url})", passthrough=(exceptions.Forbidden,))
     except exceptions.Forbidden:
         raise TrainerError(f"{url}: no permission to write objects in bucket {bucket_name}") from None
-    except exceptions.GoogleAPICallError as error:
-        raise TrainerError(f"{url}: cannot write ({_describe(error)})") from None
-    except Exception as error:  # connection refused, DNS failure...
-        raise TrainerError(f"{url}: cannot reach Cloud Storage ({type(error).__name__})") from None
 
 
 def read_bytes(url: str) -> Optional[bytes]:
@@ -167,7 +181,7 @@ def upload_file(local_path: str, url: str) -> None:
         if blob.size != size:
             raise _ChecksumMismatch(f"stored {blob.size} bytes, expected {size}")
 
-    call(upload, f"upload of {local_path} to {url}")
+    call(upload, f"upload to {url}")
 
 
 def _local_files(folder: str) -> Iterable[str]:
@@ -197,7 +211,7 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
             upload_file(path, f"{url.rstrip('/')}/{name}")
     if mirror_deletions:
         for name in set(remote) - set(local):
-            call(remote[name].delete, f"deleting {url.rstrip('/')}/{name}")
+            call(lambda blob=remote[name]: blob.delete(retry=None, timeout=TIMEOUT), f"deleting {url.rstrip('/')}/{name}")
 
 
 def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
@@ -239,14 +253,15 @@ def publish_model(local_dir: str, url: str) -> None:
         sync_up(local_dir, staged_url)
         staged = list_objects(staged_url)
         marker = bucket.blob(_join(prefix, SUCCESS_MARKER))
-        call(lambda: marker.exists() and marker.delete(), f"removing {url}/{SUCCESS_MARKER}")
+        call(lambda: marker.exists(retry=None, timeout=TIMEOUT) and marker.delete(retry=None, timeout=TIMEOUT),
+             f"removing {url}/{SUCCESS_MARKER}")
         for name, blob in staged.items():
             call(lambda blob=blob, name=name: bucket.copy_blob(blob, bucket, _join(prefix, name), retry=None,
                                                                 timeout=TIMEOUT),
                  f"copying {name} into {url}")
         for name, blob in list_objects(url).items():
             if name not in staged and name != SUCCESS_MARKER:
-                call(blob.delete, f"deleting stale {url}/{name}")
+                call(lambda blob=blob: blob.delete(retry=None, timeout=TIMEOUT), f"deleting stale {url}/{name}")
         call(lambda: marker.upload_from_string(b"", retry=None, timeout=TIMEOUT), f"writing {url}/{SUCCESS_MARKER}")
     finally:
         _delete_quietly(staged_url)
@@ -258,7 +273,7 @@ def remove_partial_uploads(url: str) -> None:
     blobs = call(lambda: list(client().list_blobs(bucket_name, prefix=f"{prefix}.partial-", retry=None,
                                                   timeout=TIMEOUT)), f"listing {url}.partial-*")
     for blob in blobs:
-        call(blob.delete, f"deleting the leftover {blob.name}")
+        call(lambda blob=blob: blob.delete(retry=None, timeout=TIMEOUT), f"deleting the leftover {blob.name}")
 
 
 def _delete_quietly(url: str) -> None:

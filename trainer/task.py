@@ -27,6 +27,28 @@ def _line_buffered() -> None:
             stream.reconfigure(line_buffering=True)
 
 
+def _single_process(environ) -> bool:
+    from trainer.distribute import cluster_config
+
+    try:
+        return cluster_config(environ) is None
+    except TrainerError:
+        return True  # a malformed TF_CONFIG is reported once training starts
+
+
+def _failure(error: BaseException) -> Optional[str]:
+    """The one line for a fault TensorFlow or the machine raised outside the places that name their
+    culprit themselves (out of memory while training, a device error); None for anything else."""
+    from trainer.errors import fault_reason, is_tensorflow_error
+
+    if isinstance(error, MemoryError) or type(error).__name__ == "ResourceExhaustedError":
+        return (f"out of memory while training ({fault_reason(error)}); lower --batch-size, --filters or "
+                "--dense-units")
+    if is_tensorflow_error(error):
+        return f"TensorFlow failed: {type(error).__name__}: {fault_reason(error)}"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _line_buffered()
     try:
@@ -35,29 +57,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     _quiet_tensorflow()
+    from trainer.stopping import NAMES, RunSignals
+
+    signals = RunSignals(single_process=_single_process(os.environ))
     try:
-        if config.dataset_kind == "tfds":
-            from trainer.data import check_tfds_offline
-            check_tfds_offline(config.dataset, config.data_dir)  # before the heavy imports
-        from trainer.checkpoints import finished_run
-        done = finished_run(config)
-        if done:
-            print(f"this run is already complete: {config.epochs}/{config.epochs} epochs, test_accuracy "
-                  f"{done.get('test_accuracy', float('nan')):.4f}; its model is in {config.model_dir}, metrics.json "
-                  f"and plots/ in {config.job_dir}, logs in {config.log_dir}. Nothing was rewritten: pass a larger "
-                  "--epochs to train on, or --no-resume to start again")
-            return 0
-        from trainer.train import train_and_evaluate
-        train_and_evaluate(config, environ=os.environ)
+        with signals:
+            if config.dataset_kind == "tfds":
+                from trainer.data import check_tfds_offline
+                check_tfds_offline(config.dataset, config.data_dir)  # before the heavy imports
+            from trainer.checkpoints import finished_run
+            done = finished_run(config)
+            if done:
+                print(f"this run is already complete: {config.epochs}/{config.epochs} epochs, test_accuracy "
+                      f"{done.get('test_accuracy', float('nan')):.4f}; its model is in {config.model_dir}, "
+                      f"metrics.json and plots/ in {config.job_dir}, logs in {config.log_dir}. Nothing was "
+                      "rewritten: pass a larger --epochs to train on, or --no-resume to start again")
+                return 0
+            from trainer.train import train_and_evaluate
+            train_and_evaluate(config, environ=os.environ)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:
-        print("interrupted before training started", file=sys.stderr)
-        return 130
+    except Exception as error:
+        line = _failure(error)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    if signals.exit_code is not None:  # it came after training: the outputs were completed first
+        print(f"stopped by {NAMES[signals.exit_code]} after training had ended; the test evaluation and export were "
+              "completed first, so this run's outputs are complete", file=sys.stderr)
+        return signals.exit_code
     return 0
 
 

@@ -161,7 +161,9 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             checkpoints.save_epoch(epoch, history)
             observers.on_epoch_end(epoch, row, dict(examples_per_second=examples / result.seconds,
                                                     seconds=result.seconds))  # the epoch line: once it is saved
-            if result.stopped:  # the signal came during the epoch's last call: saved, stop here
+            # The signal came during the epoch's last call, or during its validation (a vote in a cluster:
+            # every worker reaches this point): the epoch is saved, stop here.
+            if result.stopped or stop.should_stop():
                 raise Interrupted(stop.exit_code, f"stopped by {stop.reason} after epoch {epoch + 1}; checkpoint "
                                                   f"{checkpoints.latest}; rerun the same command to resume")
     observers.on_train_end()

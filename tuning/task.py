@@ -26,7 +26,7 @@ import sys
 from typing import Mapping, MutableMapping, Optional, Sequence
 
 from trainer.config import PRESETS, Config, HelpFormatter
-from trainer.errors import TrainerError
+from trainer.errors import Interrupted, TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
 TUNERS = ("random", "hyperband", "bayesian")
@@ -369,6 +369,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(f"search stopped by {'SIGTERM' if stop.exit_code == 143 else 'interrupt'}; continue it with the same "
+              "command and --resume (finished trials are kept)", file=sys.stderr)
+        return stop.exit_code
 
 
 if __name__ == "__main__":
