@@ -207,7 +207,8 @@ class LocalJob:
     def start(self, replica: Replica) -> None:
         # A session of its own: a Ctrl-C at the terminal reaches the runner only, which forwards SIGTERM.
         replica.process = subprocess.Popen(replica.argv, env=replica.env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+                                           stderr=subprocess.PIPE, encoding="utf-8", errors="replace", bufsize=1,
+                                           start_new_session=True)
         replica.readers = [threading.Thread(target=self._pump, args=(replica, pipe, stream), daemon=True)
                            for pipe, stream in ((replica.process.stdout, self.out), (replica.process.stderr, self.err))]
         for reader in replica.readers:
@@ -263,7 +264,11 @@ class LocalJob:
         started = time.monotonic()
         try:
             for replica in self.replicas:
-                self.start(replica)
+                try:
+                    self.start(replica)
+                except OSError as error:  # a container command that does not exist on this machine
+                    return self.fail(f"cannot start {replica.name}'s command {replica.argv[0]} here "
+                                     f"({error.strerror or error})")
             return self._watch(started)
         finally:
             self.stop(self.running(), 0.0 if self.signalled else self.options.stop_grace, "the runner is ending")
@@ -354,7 +359,8 @@ def run_custom_job(job, options: Options, environ: Optional[Mapping[str, str]] =
     out = out or sys.stdout
     spec = job.job_spec
     count = sum(pool.replica_count for pool in spec.worker_pool_specs)
-    job_id = datetime.datetime.now(datetime.timezone.utc).strftime("local-%Y%m%d%H%M%S")
+    # unique per run: a replica restarted within this job may take over the job dir's lock, no other run may
+    job_id = datetime.datetime.now(datetime.timezone.utc).strftime("local-%Y%m%d%H%M%S-") + str(os.getpid())
     replicas = plan_replicas(spec, job_id, options, environ, free_ports(count))
     timeout = spec.scheduling.timeout.total_seconds()
     runner = LocalJob(replicas, options, timeout, out, err)

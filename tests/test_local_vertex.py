@@ -149,6 +149,64 @@ def test_a_gpu_or_tpu_job_says_what_is_missing_and_what_runs_instead():
                          ": the trainer's --strategy auto picks 'default' instead; nothing else in the request changes"]
 
 
+def small_job(*pool_commands):
+    """A CustomJob with one worker pool per (container command, replica count), in that order."""
+    from google.cloud.aiplatform_v1 import ContainerSpec, CustomJob, CustomJobSpec, MachineSpec, WorkerPoolSpec
+
+    pools = [WorkerPoolSpec(machine_spec=MachineSpec(machine_type="n1-standard-4"), replica_count=count,
+                            container_spec=ContainerSpec(image_uri="img", command=command))
+             for command, count in pool_commands]
+    return CustomJob(display_name="small", job_spec=CustomJobSpec(worker_pool_specs=pools))
+
+
+STUBBORN = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("ignoring SIGTERM", flush=True))
+print("up", flush=True)
+time.sleep(60)
+"""
+OBEDIENT = """
+import os, signal, sys, time
+def stop(*_):
+    print("got SIGTERM", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+if os.environ["CLUSTER_SPEC"].count('"index": 1'):
+    time.sleep(1)
+    print("error: broken on purpose", file=sys.stderr, flush=True)
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def test_a_failed_replica_stops_the_others_sigterm_then_sigkill_after_the_grace(capsys):
+    """Real processes, no TensorFlow: workerpool1-1 fails; workerpool1-0 obeys SIGTERM, workerpool0-0
+    ignores it and is killed once --stop-grace has passed."""
+    from deploy import local
+
+    job = small_job((["python", "-c", STUBBORN], 1), (["python", "-c", OBEDIENT], 2))
+    started = time.monotonic()
+    code = local.run_custom_job(job, local.Options(stop_grace=1.0), environ=dict(os.environ))
+    out, err = capsys.readouterr()
+    assert code == 1 and time.monotonic() - started < 20
+    assert err.strip().splitlines()[-1] == ("error: the local job failed: workerpool1-1 exited with code 3 (error: "
+                                            "broken on purpose)")
+    assert "local job: workerpool1-1 failed, stopping the other replicas: SIGTERM to workerpool0-0, workerpool1-0 " \
+           "(SIGKILL after 1 s)" in out
+    assert "[workerpool1-0] got SIGTERM" in out and "[workerpool0-0] ignoring SIGTERM" in out
+    assert "local job: SIGKILL to workerpool0-0 (still running after 1 s)" in out
+    assert_gone(replica_pids(out))
+
+
+def test_a_command_missing_here_is_one_line(capsys):
+    from deploy import local
+
+    code = local.run_custom_job(small_job((["/no/such/entrypoint"], 1)), local.Options(), environ={})
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: cannot start workerpool0-0's command /no/such/entrypoint here (No such file or directory)"]
+
+
 # ---------------------------------------------------------------------------------- real jobs
 
 def test_multi_worker_job_survives_a_killed_worker_and_the_chief_fills_the_aip_folders(bucket, digits_idx, tmp_path):
