@@ -166,12 +166,12 @@ print("up", flush=True)
 time.sleep(60)
 """
 OBEDIENT = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 def stop(*_):
     print("got SIGTERM", flush=True)
     sys.exit(143)
 signal.signal(signal.SIGTERM, stop)
-if os.environ["CLUSTER_SPEC"].count('"index": 1'):
+if json.loads(os.environ["CLUSTER_SPEC"])["task"]["index"] == 1:  # the second replica of its pool fails
     time.sleep(1)
     print("error: broken on purpose", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -195,6 +195,25 @@ def test_a_failed_replica_stops_the_others_sigterm_then_sigkill_after_the_grace(
            "(SIGKILL after 1 s)" in out
     assert "[workerpool1-0] got SIGTERM" in out and "[workerpool0-0] ignoring SIGTERM" in out
     assert "local job: SIGKILL to workerpool0-0 (still running after 1 s)" in out
+    assert_gone(replica_pids(out))
+
+
+def test_ctrl_c_to_the_runner_is_sigterm_to_every_replica_and_exit_130(capsys):
+    import threading
+
+    from deploy import local
+
+    job = small_job((["python", "-c", OBEDIENT], 1), (["python", "-c", OBEDIENT], 1))
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))  # the terminal's Ctrl-C, to the runner
+    timer.start()
+    try:
+        code = local.run_custom_job(job, local.Options(stop_grace=5.0), environ=dict(os.environ))
+    finally:
+        timer.cancel()
+    out, _ = capsys.readouterr()
+    assert code == 130
+    assert "local job: Ctrl-C received; forwarding SIGTERM, as Vertex AI does before a preemption" in out
+    assert "[workerpool0-0] got SIGTERM" in out and "[workerpool1-0] got SIGTERM" in out
     assert_gone(replica_pids(out))
 
 
