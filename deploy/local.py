@@ -164,7 +164,8 @@ def accelerator_notes(spec, replicas: List[Replica], environ: Mapping[str, str])
         first = next(replica for replica in replicas if replica.pool == number)
         have = ("no TPU" if on_tpu else f"{gpus or 'no'} GPU{'s' if gpus != 1 else ''}")
         asked = _explicit_strategy(first.argv)
-        instead = (f"the job's own --strategy {asked} runs as the trainer can here" if asked and asked != "auto" else
+        instead = (f"the job asks for --strategy {asked} itself (the trainer says whether it can run here)"
+                   if asked and asked != "auto" else
                    f"the trainer's --strategy auto picks '{auto_choice(first.env, gpus)}' instead")
         notes.append(f"workerpool{number} asks for {machine.accelerator_count} x {kind} and this machine has "
                      f"{have}: {instead}; nothing else in the request changes")
