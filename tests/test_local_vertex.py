@@ -135,9 +135,7 @@ def test_the_image_entry_point_is_the_dockerfiles():
 
 
 def test_a_gpu_or_tpu_job_says_what_is_missing_and_what_runs_instead():
-    from google.cloud.aiplatform_v1 import CustomJob
-
-    from deploy import local
+    from deploy import local, vertex
 
     cases = [("gpu-multi", [], "4 x NVIDIA_TESLA_T4 and this machine has no GPUs: the trainer's --strategy auto "
                                   "picks 'default' instead"),
@@ -146,9 +144,9 @@ def test_a_gpu_or_tpu_job_says_what_is_missing_and_what_runs_instead():
              ("tpu-v3", ["--strategy", "tpu"], "8 x TPU_V3 and this machine has no TPU: the job asks for --strategy "
                                                "tpu itself (the trainer says whether it can run here)")]
     for target, flags, note in cases:
-        result = main_in_fresh_interpreter("deploy.vertex", [*COMMON, "--target", target, "--job-dir", "gs://b/r",
-                                                             "--dry-run", "--", *flags])
-        spec = CustomJob.from_json(result["out"]).job_spec
+        args, module_args = vertex.parse([*COMMON, "--target", target, "--job-dir", "gs://b/r", "--local", "--",
+                                          *flags], {})
+        spec = vertex.build_job(args, module_args, None).job_spec  # what main hands the runner
         replicas = local.plan_replicas(spec, "j", local.Options(), {}, [1])
         assert local.accelerator_notes(spec, replicas, {}) == [
             f"workerpool0 asks for {note}; nothing else in the request changes"]
