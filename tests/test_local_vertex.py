@@ -20,15 +20,16 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, main_in_fresh_interpreter, trainer_env, wait_for_line
-from test_cloud import gcs  # noqa: F401  (the session's fake-gcs-server, its log pipe drained)
+from conftest import ROOT_DIR, fake_gcs_server, main_in_fresh_interpreter, trainer_env, wait_for_line
 
 COMMON = ["train", "--project", "demo", "--image", "img:cpu"]
 
 
 @pytest.fixture(scope="module")
-def bucket(gcs):  # noqa: F811
-    return gcs.create_bucket("local-jobs")
+def bucket():
+    """The jobs' bucket on this module's own fake-gcs-server (replicas find it through STORAGE_EMULATOR_HOST)."""
+    with fake_gcs_server() as client:
+        yield client.create_bucket("local-jobs")
 
 
 def stored(bucket, prefix):
