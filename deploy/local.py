@@ -301,9 +301,14 @@ class LocalJob:
                 if failed is not None:
                     return failed
             if all(r.exit_code == 0 for r in primary):
-                others = self.running()
-                if others:  # let peers that are finishing too print their last lines
-                    self.stop(others, self.options.stop_grace, "workerpool0 succeeded, so Vertex AI ends the job")
+                deadline = time.monotonic() + self.options.stop_grace  # peers finishing too: their last lines
+                while self.running() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                for replica in self.replicas:
+                    if replica.exit_code is None and replica.process.poll() is not None:
+                        replica.exit_code = self._finish(replica)
+                        self.say(f"{replica.name} exited {replica.exit_code}")
+                self.stop(self.running(), self.options.stop_grace, "workerpool0 succeeded, so Vertex AI ends the job")
                 self.say(f"succeeded in {_seconds(time.monotonic() - started)} (workerpool0 exited 0)")
                 return 0
             time.sleep(0.2)

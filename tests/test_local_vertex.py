@@ -202,6 +202,21 @@ def test_a_failed_replica_stops_the_others_sigterm_then_sigkill_after_the_grace(
     assert_gone(replica_pids(out))
 
 
+def test_the_job_succeeds_with_workerpool0_peers_finishing_are_awaited_the_rest_stopped(capsys):
+    from deploy import local
+
+    finishing = "import time; time.sleep(1); print('done', flush=True)"
+    job = small_job((["python", "-c", "print('chief done')"], 1), (["python", "-c", finishing], 1),
+                    (["python", "-c", OBEDIENT], 1))
+    code = local.run_custom_job(job, local.Options(stop_grace=3.0), environ=dict(os.environ))
+    out, _ = capsys.readouterr()
+    assert code == 0, out
+    assert "[workerpool1-0] done" in out and "local job: workerpool1-0 exited 0" in out
+    assert "local job: workerpool0 succeeded, so Vertex AI ends the job: SIGTERM to workerpool2-0" in out
+    assert "[workerpool2-0] got SIGTERM" in out
+    assert out.strip().splitlines()[-1].startswith("local job: succeeded in")
+
+
 def test_ctrl_c_to_the_runner_is_sigterm_to_every_replica_and_exit_130(capsys):
     import threading
 
