@@ -5,8 +5,9 @@ Every replica of every worker pool becomes a local process, all started at once,
 Vertex AI gives a replica:
 
 - `CLUSTER_SPEC` in Vertex AI's format: `{"cluster": {"workerpool0": ["HOST:PORT"], "workerpool1": [...]},
-  "environment": "cloud", "task": {"type": "workerpoolN", "index": I}, "job": <the CustomJobSpec as JSON>}`
-  (a tuning trial adds `"trial": "ID"` to `task`);
+  "environment": "cloud", "task": {"type": "workerpoolN", "index": I, "trial": ""}, "job": <the
+  CustomJobSpec as JSON>}` (`trial` holds the trial's id in a tuning trial; Vertex AI's hosts listen on
+  port 2222, each on its own machine);
 - `TF_CONFIG` as Vertex AI derives it for TensorFlow: workerpool0 -> `chief`, workerpool1 -> `worker`,
   workerpool2 -> `ps`, workerpool3 -> `evaluator` (an evaluator is not part of `cluster`);
 - `AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR`, `AIP_TENSORBOARD_LOG_DIR`: the request's base_output_directory
@@ -128,7 +129,7 @@ def plan_replicas(spec, job_id: str, options: Options, environ: Mapping[str, str
         argv = [map_gcs_fuse(arg, options.gcs_root) for arg in _command(pool)]
         own_env = {var.name: map_gcs_fuse(var.value, options.gcs_root) for var in pool.container_spec.env}
         for index in range(pool.replica_count):
-            task = {"type": f"workerpool{number}", "index": index, **({"trial": trial_id} if trial_id else {})}
+            task = {"type": f"workerpool{number}", "index": index, "trial": trial_id or ""}
             env = dict(inherited, PYTHONUNBUFFERED="1", CLOUD_ML_JOB_ID=job_id,
                        CLUSTER_SPEC=json.dumps({"cluster": cluster, "environment": "cloud", "task": task, "job": job}),
                        TF_CONFIG=json.dumps(_tf_config(cluster, number, index)))

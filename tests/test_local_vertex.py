@@ -104,7 +104,7 @@ def test_each_replica_gets_vertex_ais_environment_from_the_dry_run_request(tmp_p
     worker = replicas[2].env
     spec = json.loads(worker["CLUSTER_SPEC"])
     assert spec["cluster"] == {"workerpool0": ["127.0.0.1:1001"], "workerpool1": ["127.0.0.1:1002", "127.0.0.1:1003"]}
-    assert spec["task"] == {"type": "workerpool1", "index": 1} and spec["environment"] == "cloud"
+    assert spec["task"] == {"type": "workerpool1", "index": 1, "trial": ""} and spec["environment"] == "cloud"
     assert spec["job"]["scheduling"]["timeout"] == "5400s", "the job spec as Vertex AI passes it"
     tf_config = json.loads(worker["TF_CONFIG"])
     assert tf_config["cluster"] == {"chief": ["127.0.0.1:1001"], "worker": ["127.0.0.1:1002", "127.0.0.1:1003"]}
