@@ -12,8 +12,11 @@ image, by default the project's own image: Vertex AI's prebuilt TensorFlow image
 AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after -- go to python -m trainer.task (or
 tuning.task for a KerasTuner search) and are checked by that module's own parser before anything is
 printed or submitted. A tpu-* job runs the same flags as any other. --dry-run prints the request body as JSON,
-only the fields it sets, and needs no credentials or network.
-Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API).
+only the fields it sets, and needs no credentials or network. `train --local` runs that very request on
+this machine as Vertex AI would run it (deploy/local.py): one process per replica, Vertex AI's
+environment, the job's lifecycle; try a job there before paying for machines.
+Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API; with --local a
+replica that failed, or the timeout), 143 and 130 (--local stopped by SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import tempfile
 from typing import List, Mapping, Optional, Sequence
 
+from deploy.local import STOP_GRACE_SECONDS
 from trainer import __version__
 from trainer.errors import TrainerError
 from tuning.space import dropout_range
@@ -65,6 +69,19 @@ TARGETS = {
     "tpu-v3": Target("cloud-tpu", "TPU_V3", 8, variant="tpu"),  # legacy TPU VM pool
 }
 GPU_COUNTS = (1, 2, 4)  # NVIDIA T4s a Vertex AI machine takes
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """`90`, `90s`, `30m`, `2h`, `1d` -> whole seconds (argparse type)."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or a number with s, m, h or d (e.g. 90m), got {text!r}")
+    if not 1 <= seconds < 10 ** 9:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text!r}")
+    return int(seconds)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -102,9 +119,28 @@ def _add_common_flags(parser: argparse.ArgumentParser, workers_help: str) -> Non
     parser.add_argument("--tensorboard", default=None,
                         help="Vertex AI TensorBoard resource (projects/P/locations/R/tensorboards/ID); "
                              "needs --service-account")
+    parser.add_argument("--timeout", type=duration, default=None, metavar="DURATION",
+                        help="the job's scheduling.timeout (per trial in a tuning job): seconds, or a number with "
+                             "s, m, h or d, e.g. 90m (default: Vertex AI's, 7 days)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the request body as JSON (only the fields it sets) and exit; no credentials "
                              "or network needed")
+
+
+def _add_local_flags(parser: argparse.ArgumentParser) -> None:
+    local = parser.add_argument_group("running the job here first (--local)")
+    local.add_argument("--local", action="store_true",
+                       help="run the very request on this machine as Vertex AI would: every replica of every pool a "
+                            "local process on 127.0.0.1 with Vertex AI's CLUSTER_SPEC, TF_CONFIG and AIP_* variables "
+                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST)")
+    local.add_argument("--local-gcs-root", default="local-gcs", metavar="DIR",
+                       help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths")
+    local.add_argument("--restarts", type=int, default=0, metavar="N",
+                       help="with --local: restart a failed replica in place up to N times, as Vertex AI does (up "
+                            "to 5); by default a failed replica stops the job")
+    local.add_argument("--stop-grace", type=float, default=STOP_GRACE_SECONDS, metavar="SECONDS",
+                       help="with --local: seconds between SIGTERM and SIGKILL when replicas are stopped (Compute "
+                            "Engine gives a preempted VM 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Submit one training run to Vertex AI as a CustomJob. Flags after -- go to "
                     "python -m trainer.task and are checked by its parser first.")
     _add_common_flags(train, "with --target multi-worker: replicas in pool 1, beside the chief (default: 2)")
+    _add_local_flags(train)
     tune = commands.add_parser(
         "tune", help="search hyperparameters: Vertex AI's tuning service, or a KerasTuner search as one CustomJob",
         formatter_class=HelpFormatter,
@@ -245,6 +282,17 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
         if target.variant == "gpu" and args.accelerator_count not in GPU_COUNTS:
             counts = f"{', '.join(map(str, GPU_COUNTS[:-1]))} or {GPU_COUNTS[-1]}"
             parser.error(f"--accelerator-count: a machine takes {counts} NVIDIA T4s, got {args.accelerator_count}")
+    if getattr(args, "local", False):
+        if args.dry_run:
+            parser.error("--local runs the job and --dry-run only prints it: choose one")
+        if args.package:
+            parser.error("--local runs --image jobs (this checkout stands in for the image); --package jobs cannot "
+                         "run locally yet")
+    elif args.command == "train" and (args.restarts or args.local_gcs_root != "local-gcs"
+                                      or args.stop_grace != STOP_GRACE_SECONDS):
+        parser.error("--restarts, --local-gcs-root and --stop-grace apply to --local runs only")
+    if args.command == "train" and (args.restarts < 0 or args.stop_grace < 0):
+        parser.error("--restarts and --stop-grace must be 0 or more")
     if args.command == "tune":
         if args.max_trials < 1 or args.parallel_trials < 1:
             parser.error("--max-trials and --parallel-trials must be at least 1")
@@ -308,6 +356,8 @@ def build_job(args, module_args: List[str], package_uri: Optional[str]):
     module = "tuning.task" if keras_tuner else "trainer.task"
     spec = vertex.CustomJobSpec(worker_pool_specs=worker_pools(args, module, module_args, package_uri),
                                 base_output_directory=vertex.GcsDestination(output_uri_prefix=args.job_dir))
+    if args.timeout:
+        spec.scheduling = vertex.Scheduling(timeout=datetime.timedelta(seconds=args.timeout))
     if args.service_account:
         spec.service_account = args.service_account
     if args.tensorboard:
@@ -380,6 +430,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.dry_run:
             print(to_json(job))
             return 0
+        if getattr(args, "local", False):
+            from deploy.local import Options, run_custom_job
+
+            return run_custom_job(job, Options(args.local_gcs_root, args.restarts, args.stop_grace))
         created = submit(args, job)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)

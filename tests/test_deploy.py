@@ -232,11 +232,35 @@ def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
     (["train", "--image", "i", "--job-dir", "/local/run", "--project", "p"], "--job-dir must be a gs:// folder"),
     (["train", "--package", "--job-dir", "gs://b/r", "--project", "p"], "--package needs --staging-bucket"),
     (["train", "--image", "i", "--job-dir", "gs://b/r"], "--project is required"),
+    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--dry-run"],
+     "--local runs the job and --dry-run only prints it: choose one"),
+    (["train", "--package", "--staging-bucket", "gs://b/s", "--job-dir", "gs://b/r", "--project", "p", "--local"],
+     "--package jobs cannot run locally yet"),
+    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--restarts", "2"],
+     "--restarts, --local-gcs-root and --stop-grace apply to --local runs only"),
+    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--restarts", "-1"],
+     "--restarts and --stop-grace must be 0 or more"),
+    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "0"],
+     "argument --timeout: must be at least 1 second, got '0'"),
+    (["tune", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "soon"],
+     "argument --timeout: expected seconds or a number with s, m, h or d (e.g. 90m), got 'soon'"),
 ])
 def test_bad_command_lines_exit_2(args, message, monkeypatch):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     code, _, err = vertex(args)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("command", ["train", "tune --service vertex", "tune --service keras-tuner"])
+def test_timeout_is_the_jobs_scheduling_timeout(command):
+    """Per trial in a tuning-service job: the trial job spec carries it."""
+    code, out, err = vertex([*command.split(), "--image", "img:x", "--timeout", "90m", *COMMON])
+    assert code == 0, err
+    payload = json.loads(out)
+    spec = payload.get("trialJobSpec") or payload["jobSpec"]
+    assert spec["scheduling"] == {"timeout": "5400s"}
+    code, out, _ = vertex([*command.split(), "--image", "img:x", *COMMON])
+    assert "scheduling" not in out, "left to Vertex AI's default (7 days) when not given"
 
 
 def test_without_credentials_submission_is_one_clear_line(monkeypatch, tmp_path):
