@@ -30,12 +30,12 @@ saved_model.pb parses and has the trainer's serving signature, every variable re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
-import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -44,6 +44,9 @@ from trainer.errors import TrainerError, require_tensorflow
 from trainer.export import CLASS_NAMES_FILE
 
 WORK_SIDE = 512  # photos are reduced to this many pixels a side at most before the ink is looked for
+# Pillow's own limit, here applied to the pixels decoded (a JPEG decodes at down to 1/8 scale, so a 200-megapixel
+# photo is read): 9000x9000 RGBA, 81M pixels, decodes in about 1.3 s and at most 0.7 GB
+MAX_DECODED_PIXELS = 89_478_485
 MIN_NOISE_FLOOR = 12.0  # grey levels: contrast below this is never ink, even on a perfectly flat image
 MIN_INK_CONTRAST = 32.0  # grey levels: ink fainter than this against its background is "no ink"
 MIN_INK_PIXELS = 6  # fewer pixels above the threshold than this is no ink
@@ -67,6 +70,16 @@ def _reduce(image):
     return image.reduce(factor) if factor > 1 else image
 
 
+def _upright_turn(image):
+    """The transpose that shows `image` upright by its EXIF orientation tag (how the camera was held), or None."""
+    from PIL import ExifTags, Image
+
+    turns = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+    return turns.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
 def _has_alpha(image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
@@ -83,10 +96,10 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def image_to_rgb(image) -> np.ndarray:
     """A PIL image -> float32 [H, W, 3] in 0..255, opaque, at most WORK_SIDE a side."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    image = _reduce(image)
+    turn = _upright_turn(image)
+    image = _reduce(image)  # first: ImageOps.exif_transpose copied the whole image, turned or not
+    if turn is not None:
+        image = image.transpose(turn)
     if image.mode in ("I", "F"):
         gray = np.asarray(image, dtype=np.float32)
         if gray.max() > 255:
@@ -302,32 +315,59 @@ def to_mnist(image) -> np.ndarray:
     return centre_like_mnist(ink(image_to_rgb(image)))
 
 
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's decompression-bomb check off while an image is opened: `load_image` applies the same limit
+    itself, to the pixels it will decode (a JPEG's after `draft`), and names the size. (Pillow's limit is a
+    module global: this is for one thread at a time, as the command runs.)"""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_for_decoding(path: str):
+    """The image at `path`, opened (not decoded), a JPEG set to decode at 1/2, 1/4 or 1/8 scale when large;
+    refused when what would be decoded is more than MAX_DECODED_PIXELS."""
+    from PIL import Image
+
+    image = Image.open(path)
+    factor = max(image.size) // WORK_SIDE
+    if factor > 1:  # JPEG only: other formats decode whole, whatever is asked
+        image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
+    width, height = image.size
+    if width * height > MAX_DECODED_PIXELS:
+        image.close()
+        raise TrainerError(f"{path}: refused: {width:,}x{height:,} pixels to decode, more than the "
+                           f"{MAX_DECODED_PIXELS:,} allowed (a decompression bomb?)")
+    return image
+
+
 def load_image(path: str) -> np.ndarray:
     """One image file -> uint8 [28, 28]; any fault is a TrainerError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+        with _own_pixel_limit():
+            with _open_for_decoding(path) as image:
                 image.verify()  # every chunk's checksum, for PNG (decoding alone skips the pixel data's)
-            with Image.open(path) as image:
-                factor = max(image.size) // WORK_SIDE
-                if factor > 1:  # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away
-                    image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
+            with _open_for_decoding(path) as image:
                 image.load()
                 return to_mnist(image)
     except FileNotFoundError:
         raise TrainerError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise TrainerError(f"{path}: a folder, not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TrainerError(f"{path}: refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, far too many for "
-                           f"a digit (a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise TrainerError(f"{path}: not a readable image (an unknown format, or a corrupt header)") from None
     except NoInk as error:
         raise TrainerError(f"{path}: {error}") from None
+    except TrainerError:  # refused by its size, already naming the file
+        raise
+    except UnidentifiedImageError:
+        raise TrainerError(f"{path}: not a readable image (an unknown format, or a corrupt header)") from None
     except MemoryError:
         raise TrainerError(f"{path}: too large to decode in memory") from None
     except Exception as error:  # Pillow reports corrupt data as OSError, SyntaxError, ValueError, zlib.error...
