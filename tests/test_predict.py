@@ -71,16 +71,18 @@ def write_bad_checksum_png(path, digit):
         handle.write(bytes(data))
 
 
-def write_png_bomb(path, side):
-    """A real PNG of side x side black pixels (1 bit each) that compresses to kilobytes."""
+def write_png_bomb(path, side, mode="1"):
+    """A real PNG of side x side black pixels that compresses to kilobytes: 1 bit each ("1") or RGBA."""
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
-    compressor = zlib.compressobj(9)
-    row = b"\x00" * (1 + side // 8)
+    depth, colour_type, row_bytes = (1, 0, -(-side // 8)) if mode == "1" else (8, 6, 4 * side)
+    compressor = zlib.compressobj(9 if mode == "1" else 1)  # level 9 would take seconds over RGBA's 4 bytes a pixel
+    row = b"\x00" * (1 + row_bytes)
     pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     with open(path, "wb") as handle:
-        handle.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+        handle.write(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, depth, colour_type, 0, 0, 0))
                      + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 
@@ -202,9 +204,57 @@ def test_a_bad_file_is_one_error_line(seed_run, digits, tmp_path, kind):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: "), result.stderr
-    expected = {"blank": "no ink found", "bad checksum": "checksum", "bomb": "decompression bomb",
-                "bigger bomb": "decompression bomb"}[kind]
+    expected = {"blank": "no ink found", "bad checksum": "checksum",
+                "bomb": "refused: 10,000x10,000 pixels to decode, more than the 89,478,485 allowed",
+                "bigger bomb": "refused: 20,000x20,000 pixels to decode, more than the 89,478,485 allowed"}[kind]
     assert expected in result.stderr
+
+
+# The peak is VmHWM, this process's own: ru_maxrss survives exec, so it would count the pytest process it came from.
+_PEAK_MEMORY = """
+import sys, time
+from trainer.errors import TrainerError
+from trainer.predict import load_image
+started = time.perf_counter()
+try:
+    outcome = "digit %s" % load_image(sys.argv[1]).shape[0]
+except TrainerError as error:
+    outcome = str(error)
+seconds = time.perf_counter() - started
+peak = next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(seconds, peak, outcome, sep="\\t")
+"""
+
+
+def load_image_cost(path):
+    """load_image(path) in a fresh process: (seconds, peak resident MB, the result or the error)."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, path], cwd=ROOT_DIR, env=trainer_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seconds, megabytes, outcome = result.stdout.strip().split("\t")
+    return float(seconds), int(megabytes), outcome
+
+
+def test_big_images_are_read_in_bounded_time_and_memory(tmp_path):
+    """Just under the pixel limit (9000x9000 RGBA, 324 MB decoded) takes seconds and under 1 GB; a
+    200-megapixel phone JPEG is decoded at 1/8 scale, not refused; a 20,000x20,000 PNG is refused unread."""
+    from PIL import Image, ImageDraw
+
+    under, refused, phone = (str(tmp_path / name) for name in ("under.png", "refused.png", "phone.jpg"))
+    write_png_bomb(under, 9_000, mode="RGBA")
+    write_png_bomb(refused, 20_000, mode="RGBA")
+    photo = Image.new("L", (16_000, 12_000), 235)
+    ImageDraw.Draw(photo).line([(8_000, 2_000), (8_000, 10_000)], fill=20, width=900)  # a "1"
+    photo.save(phone, quality=80)
+    del photo
+
+    seconds, megabytes, outcome = load_image_cost(under)
+    assert outcome.endswith("no ink found: the image is blank or a single colour"), outcome
+    assert seconds < 20 and megabytes < 1_000, (seconds, megabytes)  # measured 1.3 s, 650 MB
+    seconds, megabytes, outcome = load_image_cost(phone)
+    assert outcome == "digit 28" and seconds < 10 and megabytes < 300, (seconds, megabytes, outcome)
+    seconds, megabytes, outcome = load_image_cost(refused)
+    assert "refused: 20,000x20,000 pixels to decode" in outcome and seconds < 2 and megabytes < 200, outcome
 
 
 def test_good_files_are_still_classified_among_bad_ones(seed_run, image_set, digits, tmp_path):

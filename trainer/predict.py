@@ -21,21 +21,32 @@ Images are brought to MNIST's form first, whatever they are: a scan, a phone pho
 
 `--model-dir gs://...` is read through `trainer.storage` (downloaded once into the local cache) and only
 when its `_SUCCESS` object says the model is complete. `--show PATH` writes the 28x28 inputs as one PNG.
+
+A model folder is checked before TensorFlow loads it, so that a damaged or foreign one is one line naming the
+file at fault: each file an export writes is there and not empty, class_names.json is ten names,
+saved_model.pb parses and has the trainer's serving signature, every variable reads back from variables/.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import sys
-import warnings
+import tempfile
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from trainer.errors import TrainerError, require_tensorflow
+from trainer.export import CLASS_NAMES_FILE
 
 WORK_SIDE = 512  # photos are reduced to this many pixels a side at most before the ink is looked for
+# Pillow's own limit, here applied to the pixels decoded (a JPEG decodes at down to 1/8 scale, so a 200-megapixel
+# photo is read): 9000x9000 RGBA, 81M pixels, decodes in about 1.3 s and at most 0.7 GB
+MAX_DECODED_PIXELS = 89_478_485
 MIN_NOISE_FLOOR = 12.0  # grey levels: contrast below this is never ink, even on a perfectly flat image
 MIN_INK_CONTRAST = 32.0  # grey levels: ink fainter than this against its background is "no ink"
 MIN_INK_PIXELS = 6  # fewer pixels above the threshold than this is no ink
@@ -59,6 +70,16 @@ def _reduce(image):
     return image.reduce(factor) if factor > 1 else image
 
 
+def _upright_turn(image):
+    """The transpose that shows `image` upright by its EXIF orientation tag (how the camera was held), or None."""
+    from PIL import ExifTags, Image
+
+    turns = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+    return turns.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+
+
 def _has_alpha(image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
@@ -75,10 +96,10 @@ def _composite(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 
 def image_to_rgb(image) -> np.ndarray:
     """A PIL image -> float32 [H, W, 3] in 0..255, opaque, at most WORK_SIDE a side."""
-    from PIL import Image, ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    image = _reduce(image)
+    turn = _upright_turn(image)
+    image = _reduce(image)  # first: ImageOps.exif_transpose copied the whole image, turned or not
+    if turn is not None:
+        image = image.transpose(turn)
     if image.mode in ("I", "F"):
         gray = np.asarray(image, dtype=np.float32)
         if gray.max() > 255:
@@ -294,32 +315,59 @@ def to_mnist(image) -> np.ndarray:
     return centre_like_mnist(ink(image_to_rgb(image)))
 
 
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's decompression-bomb check off while an image is opened: `load_image` applies the same limit
+    itself, to the pixels it will decode (a JPEG's after `draft`), and names the size. (Pillow's limit is a
+    module global: this is for one thread at a time, as the command runs.)"""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open_for_decoding(path: str):
+    """The image at `path`, opened (not decoded), a JPEG set to decode at 1/2, 1/4 or 1/8 scale when large;
+    refused when what would be decoded is more than MAX_DECODED_PIXELS."""
+    from PIL import Image
+
+    image = Image.open(path)
+    factor = max(image.size) // WORK_SIDE
+    if factor > 1:  # JPEG only: other formats decode whole, whatever is asked
+        image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
+    width, height = image.size
+    if width * height > MAX_DECODED_PIXELS:
+        image.close()
+        raise TrainerError(f"{path}: refused: {width:,}x{height:,} pixels to decode, more than the "
+                           f"{MAX_DECODED_PIXELS:,} allowed (a decompression bomb?)")
+    return image
+
+
 def load_image(path: str) -> np.ndarray:
     """One image file -> uint8 [28, 28]; any fault is a TrainerError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+        with _own_pixel_limit():
+            with _open_for_decoding(path) as image:
                 image.verify()  # every chunk's checksum, for PNG (decoding alone skips the pixel data's)
-            with Image.open(path) as image:
-                factor = max(image.size) // WORK_SIDE
-                if factor > 1:  # JPEG: decode at 1/2, 1/4 or 1/8 scale straight away
-                    image.draft(image.mode, (image.size[0] // factor, image.size[1] // factor))
+            with _open_for_decoding(path) as image:
                 image.load()
                 return to_mnist(image)
     except FileNotFoundError:
         raise TrainerError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise TrainerError(f"{path}: a folder, not an image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise TrainerError(f"{path}: refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, far too many for "
-                           f"a digit (a decompression bomb?)") from None
-    except UnidentifiedImageError:
-        raise TrainerError(f"{path}: not a readable image (an unknown format, or a corrupt header)") from None
     except NoInk as error:
         raise TrainerError(f"{path}: {error}") from None
+    except TrainerError:  # refused by its size, already naming the file
+        raise
+    except UnidentifiedImageError:
+        raise TrainerError(f"{path}: not a readable image (an unknown format, or a corrupt header)") from None
     except MemoryError:
         raise TrainerError(f"{path}: too large to decode in memory") from None
     except Exception as error:  # Pillow reports corrupt data as OSError, SyntaxError, ValueError, zlib.error...
@@ -327,6 +375,64 @@ def load_image(path: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ the model
+#
+# A model folder is checked before TensorFlow loads it, so that whatever is wrong is one line naming the file:
+# the files every export writes (present, files, not empty) and class_names.json without TensorFlow; then
+# saved_model.pb's parse and signature, and every variable read back from variables/; only then
+# tf.saved_model.load (whose own errors are many types with many lines, some naming no file).
+
+NUM_CLASSES = 10
+SIGNATURE = "serving_default"
+TAKES = ["image uint8 [?,28,28]"]
+RETURNS = ["classes int64 [?]", f"probabilities float32 [?,{NUM_CLASSES}]"]
+INDEX_FILE = "variables/variables.index"
+_DATA_FILE = re.compile(r"^variables\.data-\d{5}-of-(\d{5})$")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")  # absl's prefix (epoch seconds, then)
+
+
+def _fault(shown: str, problem: str) -> TrainerError:
+    return TrainerError(f"--model-dir {shown}: {problem}")
+
+
+def import_tensorflow_quietly():
+    """`require_tensorflow()`, holding back what TensorFlow's C++ start-up writes to stderr below
+    TF_CPP_MIN_LOG_LEVEL anyway: absl logs to stderr unfiltered until it is initialised (TF 2.21 prints its
+    oneDNN notice twice that way, each after absl's own warning about it). Other lines are passed on."""
+    if "tensorflow" in sys.modules:
+        return require_tensorflow()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        return require_tensorflow()
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return require_tensorflow()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in startup_lines_to_show(captured.read().decode(errors="replace")):
+                print(line, file=sys.stderr)
+
+
+def startup_lines_to_show(text: str) -> List[str]:
+    """The lines of TensorFlow's start-up output a user asked for: absl's log lines at or above
+    TF_CPP_MIN_LOG_LEVEL (0 info, 1 warning, 2 error), and anything that is not an absl log line."""
+    try:
+        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        min_level = 0
+    shown = []
+    for line in text.splitlines():
+        match = _ABSL_LINE.match(line)
+        if line != _ABSL_PREAMBLE and not (match and "IWEF".index(match.group(1)) < min_level):
+            shown.append(line)
+    return shown
+
 
 def local_model_dir(model_dir: str) -> str:
     """A folder with the SavedModel on this machine: gs:// is copied into the cache once it is complete."""
@@ -346,8 +452,6 @@ def local_model_dir(model_dir: str) -> str:
             raise TrainerError(f"--model-dir {url}: cannot download it ({type(error).__name__})") from None
         if _success_generation(url) != before:
             raise TrainerError(f"--model-dir {url}: the model was replaced while it was being downloaded; run again")
-    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
-        raise TrainerError(f"--model-dir {model_dir}: no saved_model.pb there (point it at a run's model/ folder)")
     return model_dir
 
 
@@ -363,20 +467,175 @@ def _success_generation(url: str) -> Optional[int]:
     return None if marker is None else int(marker.generation or 0)
 
 
-def classify(model_dir: str, images: np.ndarray) -> List[Tuple[int, str, float]]:
-    """uint8 [N, 28, 28] -> [(class index, class name, probability)] with the SavedModel in `model_dir`."""
-    from trainer.export import load_class_names
+def data_files(local: str) -> List[str]:
+    """The variables' data shards the folder should have (`variables/variables.data-0000i-of-0000N`)."""
+    folder = os.path.join(local, "variables")
+    counts = [int(match.group(1)) for match in map(_DATA_FILE.match, os.listdir(folder)) if match]
+    shards = max(counts, default=1)
+    return [f"variables/variables.data-{shard:05d}-of-{shards:05d}" for shard in range(shards)]
 
+
+def _require_file(local: str, name: str, shown: str) -> None:
+    path = os.path.join(local, name)
+    if not os.path.exists(path):
+        raise _fault(shown, f"{name} is missing, so the model is incomplete")
+    if not os.path.isfile(path):
+        raise _fault(shown, f"{name} is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise _fault(shown, f"{name} is empty (0 bytes), so the model is incomplete")
+
+
+def check_model_files(local: str, shown: str) -> None:
+    """The files of an exported model are there, files and not empty (no TensorFlow needed for this)."""
+    if not os.path.exists(local):
+        raise _fault(shown, "no such folder")
+    if not os.path.isdir(local):
+        raise _fault(shown, "a file, not a folder (point it at a run's model/ folder)")
+    if not os.path.exists(os.path.join(local, "saved_model.pb")):
+        raise _fault(shown, "no saved_model.pb there (point it at a run's model/ folder)")
+    _require_file(local, "saved_model.pb", shown)
+    if not os.path.isdir(os.path.join(local, "variables")):
+        raise _fault(shown, "variables/ is missing, so the model has no weights")
+    for name in [INDEX_FILE, *data_files(local)]:
+        _require_file(local, name, shown)
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def read_class_names(local: str, shown: str) -> List[str]:
+    """The names in class_names.json: a JSON list of NUM_CLASSES strings. A model folder without the file
+    (copied without it, or exported before it existed) is a digit model: its names are the digits."""
+    path = os.path.join(local, CLASS_NAMES_FILE)
+    if not os.path.lexists(path):
+        return [str(digit) for digit in range(NUM_CLASSES)]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            names = json.load(handle)
+    except IsADirectoryError:
+        raise _fault(shown, f"{CLASS_NAMES_FILE} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise _fault(shown, f"{CLASS_NAMES_FILE} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise _fault(shown, f"{CLASS_NAMES_FILE} is not valid JSON ({error.msg} at line {error.lineno} "
+                            f"column {error.colno})") from None
+    except OSError as error:
+        raise _fault(shown, f"cannot read {CLASS_NAMES_FILE} ({error.strerror or type(error).__name__})") from None
+    wanted = f"not a list of {NUM_CLASSES} names"
+    if not isinstance(names, list):
+        raise _fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
+    if len(names) != NUM_CLASSES:
+        raise _fault(shown, f"{CLASS_NAMES_FILE} holds {len(names)} names, {wanted}")
+    for number, name in enumerate(names, start=1):
+        if not isinstance(name, str) or not name.strip():
+            what = "an empty string" if isinstance(name, str) else _json_kind(name)
+            raise _fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {what}, not a name")
+    return names
+
+
+def _parse(local: str, name: str, message, what: str, shown: str):
+    """File `name` parsed into the protocol buffer `message`, or a fault naming it (`what` it should be)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        with open(os.path.join(local, name), "rb") as handle:
+            message.ParseFromString(handle.read())
+    except OSError as error:
+        raise _fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+    except DecodeError:
+        raise _fault(shown, f"{name} is damaged or not {what} (it does not parse)") from None
+    return message
+
+
+def read_saved_model(local: str, shown: str):
+    """saved_model.pb parsed (a `SavedModel` protocol buffer); fingerprint.pb, when there, must parse too
+    (TensorFlow would log a traceback about it and carry on)."""
+    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+
+    saved_model = _parse(local, "saved_model.pb", saved_model_pb2.SavedModel(), "a SavedModel", shown)
+    if not saved_model.meta_graphs:
+        raise _fault(shown, "saved_model.pb is damaged or not a SavedModel (it holds no graph)")
+    if os.path.exists(os.path.join(local, "fingerprint.pb")):
+        _parse(local, "fingerprint.pb", fingerprint_pb2.FingerprintDef(), "a SavedModel fingerprint", shown)
+    return saved_model
+
+
+def _dtype_name(tf, number: int) -> str:
+    try:
+        return tf.dtypes.as_dtype(number).name
+    except TypeError:  # DT_INVALID: a composite tensor (sparse, ragged)
+        return "composite"
+
+
+def _describe(tf, tensors) -> List[str]:
+    """A signature's tensors as 'name dtype [?,28,28]', sorted by name."""
+    described = []
+    for name, info in sorted(tensors.items()):
+        shape = info.tensor_shape
+        dims = "[...]" if shape.unknown_rank else "[" + ",".join(str(d.size) if d.size >= 0 else "?"
+                                                                 for d in shape.dim) + "]"
+        described.append(f"{name} {_dtype_name(tf, info.dtype)} {dims}")
+    return described
+
+
+def check_signature(tf, saved_model, shown: str) -> None:
+    """The trainer's serving signature: image uint8 [N,28,28] -> classes int64 [N], probabilities float32 [N,10]."""
+    graphs = [graph for graph in saved_model.meta_graphs if "serve" in graph.meta_info_def.tags]
+    signatures = (graphs or saved_model.meta_graphs)[0].signature_def
+    foreign = "saved_model.pb is not a model exported by this trainer"
+    if SIGNATURE not in signatures:
+        raise _fault(shown, f"{foreign}: it has no {SIGNATURE} signature")
+    takes, returns = _describe(tf, signatures[SIGNATURE].inputs), _describe(tf, signatures[SIGNATURE].outputs)
+    if takes != TAKES or not set(RETURNS) <= set(returns):
+        raise _fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
+                            f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(TAKES)} -> {', '.join(RETURNS)}")
+
+
+def check_variables(tf, local: str, shown: str) -> None:
+    """Every variable in variables/ reads back whole (the index parses, each value's bytes and checksum)."""
+    try:
+        reader = tf.train.load_checkpoint(os.path.join(local, "variables", "variables"))
+    except tf.errors.OpError:
+        raise _fault(shown, f"{INDEX_FILE} is damaged (not a checkpoint index)") from None
+    shards = data_files(local)
+    culprit = shards[0] if len(shards) == 1 else "variables/variables.data-*"
+    for name in reader.get_variable_to_shape_map():
+        try:
+            reader.get_tensor(name)
+        except (IndexError, tf.errors.OpError):  # "Read less bytes than requested", "Checksum does not match"
+            # (garbled bytes can read as a string length past the end, so the two do not tell cut from garbled)
+            raise _fault(shown, f"{culprit} is damaged or truncated (a value does not read back as "
+                                f"{INDEX_FILE} describes it)") from None
+
+
+def load_serving(local: str, shown: str):
+    """The model's `serving_default` function, once its files, signature and variables are checked."""
+    from google.protobuf.message import DecodeError
+
+    tf = import_tensorflow_quietly()
+    check_signature(tf, read_saved_model(local, shown), shown)
+    check_variables(tf, local, shown)
+    try:
+        return tf.saved_model.load(local).signatures[SIGNATURE]
+    except (tf.errors.OpError, OSError, ValueError, KeyError, IndexError, DecodeError) as error:
+        # e.g. ValueError "Received incompatible tensor with shape ...": variables/ of another export
+        raise _fault(shown, f"TensorFlow cannot restore variables/ into saved_model.pb's graph "
+                            f"({type(error).__name__}), though each reads whole: are they from two different "
+                            f"exports? Export the model again") from None
+
+
+def classify(serving, class_names: Sequence[str], images: np.ndarray, shown: str) -> List[Tuple[int, str, float]]:
+    """uint8 [N, 28, 28] -> [(class index, class name, probability)] with the loaded `serving` function."""
     tf = require_tensorflow()
     try:
-        serving = tf.saved_model.load(model_dir).signatures["serving_default"]
-    except (OSError, ValueError, KeyError, tf.errors.OpError) as error:
-        raise TrainerError(f"--model-dir {model_dir}: cannot load the SavedModel ({type(error).__name__})") from None
-    outputs = serving(image=tf.constant(images))
+        outputs = serving(image=tf.constant(images))
+    except tf.errors.OpError as error:
+        raise _fault(shown, f"the model failed on these images ({type(error).__name__})") from None
     classes = outputs["classes"].numpy()
     probabilities = outputs["probabilities"].numpy()
-    names = load_class_names(model_dir)
-    return [(int(c), names[int(c)], float(probabilities[i, c])) for i, c in enumerate(classes)]
+    return [(int(c), class_names[int(c)], float(probabilities[i, c])) for i, c in enumerate(classes)]
 
 
 class Result(NamedTuple):
@@ -392,7 +651,12 @@ class Result(NamedTuple):
 
 def predict(model_dir: str, paths: Sequence[str]) -> List[Result]:
     """One Result per path, in order; a bad image is a Result with its error, the others are still classified."""
-    model_dir = local_model_dir(model_dir)
+    from trainer import storage
+
+    shown = model_dir.rstrip("/") if storage.is_gcs(model_dir) else model_dir  # faults name what was typed
+    local = local_model_dir(model_dir)
+    check_model_files(local, shown)
+    class_names = read_class_names(local, shown)
     loaded = []
     for path in paths:
         try:
@@ -400,7 +664,7 @@ def predict(model_dir: str, paths: Sequence[str]) -> List[Result]:
         except TrainerError as error:
             loaded.append(Result(path, error=error))
     good = [result.pixels for result in loaded if result.error is None]
-    answers = iter(classify(model_dir, np.stack(good)) if good else [])
+    answers = iter(classify(load_serving(local, shown), class_names, np.stack(good), shown) if good else [])
     return [result if result.error else result._replace(**dict(zip(("index", "name", "probability"), next(answers))))
             for result in loaded]
 
