@@ -131,6 +131,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
     steps = checkpoints.steps_per_epoch
     train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer, config.batch_size,
                                                 jit_compile)
+    sync_statistics = steps_lib.make_statistics_sync(resolved.strategy, state.model)
     train_tensors = data_lib.TrainTensors(*splits.train)
     trained = dict(seconds=0.0, examples=0, val_predictions=None)
     observers.on_train_begin(state.model, initial_epoch)
@@ -144,6 +145,8 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
                                          config.batch_size, observers, stop)
             observers.on_steps_end(epoch)
+            if sync_statistics is not None:  # every replica the same model before validation and saving
+                sync_statistics()
             examples = result.examples(config.batch_size)
             trained["seconds"] += result.seconds
             trained["examples"] += examples
