@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "Either way the flags after -- are checked by that module's parser first.")
     _add_common_flags(tune, "--service keras-tuner: tuner workers in pool 1 (default: 2); --service vertex: as "
                             "for train, per trial")
+    _add_local_flags(tune)
+    tune.add_argument("--local-output", default="local-tuning", metavar="DIR",
+                      help="with --service vertex --local: the folder for each trial's metric file and the job's "
+                           "results (JOB_ID/tuning_job.json, JOB_ID/best_trial.json)")
     tune.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
                       help="Vertex AI's tuning service, or a KerasTuner search as one custom job")
     tune.add_argument("--max-trials", type=int, default=12, help="--service vertex: trials in all")
@@ -285,13 +289,12 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
     if getattr(args, "local", False):
         if args.dry_run:
             parser.error("--local runs the job and --dry-run only prints it: choose one")
-        if args.package:
-            parser.error("--local runs --image jobs (this checkout stands in for the image); --package jobs cannot "
-                         "run locally yet")
-    elif args.command == "train" and (args.restarts or args.local_gcs_root != "local-gcs"
-                                      or args.stop_grace != STOP_GRACE_SECONDS):
-        parser.error("--restarts, --local-gcs-root and --stop-grace apply to --local runs only")
-    if args.command == "train" and (args.restarts < 0 or args.stop_grace < 0):
+    elif args.restarts or args.local_gcs_root != "local-gcs" or args.stop_grace != STOP_GRACE_SECONDS or \
+            getattr(args, "local_output", "local-tuning") != "local-tuning":
+        parser.error("--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only")
+    if args.command == "tune" and args.service == "keras-tuner" and args.local_output != "local-tuning":
+        parser.error("--local-output applies to --service vertex (a KerasTuner search writes into its job dir)")
+    if args.restarts < 0 or args.stop_grace < 0:
         parser.error("--restarts and --stop-grace must be 0 or more")
     if args.command == "tune":
         if args.max_trials < 1 or args.parallel_trials < 1:
@@ -415,25 +418,40 @@ def submit(args, job):
     return created
 
 
+def run_locally(args, job, archive: Optional[str], scratch: str) -> int:
+    """The request run here (deploy/local.py): a custom job, or a tuning-service job's trials; a --package job's
+    sdist installed first, as its executor image would install it."""
+    from deploy.local import Options, run_custom_job
+
+    options = Options(args.local_gcs_root, args.restarts, args.stop_grace)
+    if archive:
+        from deploy.local_package import install
+
+        options.python = install(archive, scratch, lambda message: print(f"local job: {message}", flush=True))
+    if args.command == "tune" and args.service == "vertex":
+        from deploy.local_tuning import run_tuning_job
+
+        return run_tuning_job(job, options, args.local_output)
+    return run_custom_job(job, options)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, module_args = parse(argv, os.environ)  # exits 2 on a command-line error
     try:
-        package_uri = None
+        package_uri = archive = None
         with tempfile.TemporaryDirectory() as scratch:
             if args.package:
                 archive = build_sdist(scratch)
                 package_uri = f"{args.staging_bucket.rstrip('/')}/mnist-trainer/{os.path.basename(archive)}"
-                if not args.dry_run:
+                if not (args.dry_run or args.local):  # locally the archive is installed, not uploaded
                     from trainer.storage import upload_file
                     upload_file(archive, package_uri)
-        job = build_job(args, module_args, package_uri)
-        if args.dry_run:
-            print(to_json(job))
-            return 0
-        if getattr(args, "local", False):
-            from deploy.local import Options, run_custom_job
-
-            return run_custom_job(job, Options(args.local_gcs_root, args.restarts, args.stop_grace))
+            job = build_job(args, module_args, package_uri)
+            if args.dry_run:
+                print(to_json(job))
+                return 0
+            if args.local:
+                return run_locally(args, job, archive, scratch)
         created = submit(args, job)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
