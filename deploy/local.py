@@ -18,7 +18,10 @@ Two rewrites, and only these: host names become 127.0.0.1 with free ports, and `
 Storage FUSE) in args and env values becomes `GCS_ROOT/BUCKET/...`, a local folder. `gs://` stays as it
 is: real Cloud Storage with credentials, or any emulator through STORAGE_EMULATOR_HOST. A container's
 empty command is the project image's entry point (`python -m trainer.task`, the Dockerfile's ENTRYPOINT),
-run from this checkout with this Python.
+run from this checkout with this Python. A python_package_spec runs `python -m PYTHON_MODULE ARGS` with
+`Options.python`, the interpreter of the virtual environment its sdist is installed in
+(deploy/local_package.py), without PYTHONPATH and with PYTHONSAFEPATH=1, so the replicas import the
+installed package and never this checkout.
 
 Lifecycle, as on Vertex AI: the job succeeds when workerpool0's replicas exit 0; a replica that exits
 non-zero is reported (its last lines) and, with `restarts`, restarted in place (same address, same

@@ -121,9 +121,8 @@ class TrialJob(LocalJob):
             print(f"local tuning job: {'' if named else f'trial {self.trial_id}: '}{message}", file=stream or self.out,
                   flush=True)
 
-    def fail(self, message: str) -> int:
-        self.failure = message
-        self.say(message, self.err)
+    def fail(self, message: str) -> int:  # said once, by the tuning job, as the trial's infeasible_reason
+        self.failure = message.replace("the local job failed: ", "", 1)
         return 1
 
 

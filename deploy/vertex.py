@@ -12,11 +12,14 @@ image, by default the project's own image: Vertex AI's prebuilt TensorFlow image
 AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after -- go to python -m trainer.task (or
 tuning.task for a KerasTuner search) and are checked by that module's own parser before anything is
 printed or submitted. A tpu-* job runs the same flags as any other. --dry-run prints the request body as JSON,
-only the fields it sets, and needs no credentials or network. `train --local` runs that very request on
-this machine as Vertex AI would run it (deploy/local.py): one process per replica, Vertex AI's
-environment, the job's lifecycle; try a job there before paying for machines.
+only the fields it sets, and needs no credentials or network. `--local` runs that very request on this
+machine as Vertex AI would run it: a custom job (train, tune --service keras-tuner) as one process per
+replica with Vertex AI's environment and lifecycle (deploy/local.py); a tuning-service job as its trials,
+parameters sampled at random from the study spec (deploy/local_tuning.py); a --package job from its sdist
+installed in a throw-away virtual environment (deploy/local_package.py). Try a job there before paying.
 Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API; with --local a
-replica that failed, or the timeout), 143 and 130 (--local stopped by SIGTERM or Ctrl-C).
+replica that failed, no trial that succeeded, or the timeout), 143 and 130 (--local stopped by SIGTERM or
+Ctrl-C).
 """
 
 from __future__ import annotations
@@ -127,12 +130,14 @@ def _add_common_flags(parser: argparse.ArgumentParser, workers_help: str) -> Non
                              "or network needed")
 
 
-def _add_local_flags(parser: argparse.ArgumentParser) -> None:
+def _add_local_flags(parser: argparse.ArgumentParser):
     local = parser.add_argument_group("running the job here first (--local)")
     local.add_argument("--local", action="store_true",
                        help="run the very request on this machine as Vertex AI would: every replica of every pool a "
                             "local process on 127.0.0.1 with Vertex AI's CLUSTER_SPEC, TF_CONFIG and AIP_* variables "
-                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST)")
+                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST); a "
+                            "tuning-service job: its trials, parameters sampled at random from the study spec; "
+                            "--package: the sdist installed in a throw-away virtual environment first")
     local.add_argument("--local-gcs-root", default="local-gcs", metavar="DIR",
                        help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths")
     local.add_argument("--restarts", type=int, default=0, metavar="N",
@@ -141,6 +146,7 @@ def _add_local_flags(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--stop-grace", type=float, default=STOP_GRACE_SECONDS, metavar="SECONDS",
                        help="with --local: seconds between SIGTERM and SIGKILL when replicas are stopped (Compute "
                             "Engine gives a preempted VM 30)")
+    return local
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,10 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Either way the flags after -- are checked by that module's parser first.")
     _add_common_flags(tune, "--service keras-tuner: tuner workers in pool 1 (default: 2); --service vertex: as "
                             "for train, per trial")
-    _add_local_flags(tune)
-    tune.add_argument("--local-output", default="local-tuning", metavar="DIR",
-                      help="with --service vertex --local: the folder for each trial's metric file and the job's "
-                           "results (JOB_ID/tuning_job.json, JOB_ID/best_trial.json)")
+    _add_local_flags(tune).add_argument("--local-output", default="local-tuning", metavar="DIR",
+        help="with --service vertex --local: the folder for each trial's metric file and the job's results "
+             "(JOB_ID/tuning_job.json, JOB_ID/best_trial.json)")
     tune.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
                       help="Vertex AI's tuning service, or a KerasTuner search as one custom job")
     tune.add_argument("--max-trials", type=int, default=12, help="--service vertex: trials in all")
