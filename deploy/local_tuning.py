@@ -232,8 +232,12 @@ class LocalTuningJob:
         limit = job.max_failed_trial_count
         while next_id <= job.max_trial_count or self.running:
             if self.signalled is not None:
-                for trial_id in list(self.running):
+                stopped = sorted(self.running)
+                for trial_id in stopped:
                     self.finish(trial_id)
+                name = "SIGTERM" if self.signalled == signal.SIGTERM else "Ctrl-C"
+                self.say(f"{name} received: trial(s) {', '.join(map(str, stopped)) or 'none'} stopped (SIGTERM to "
+                         f"their replicas), {job.max_trial_count - next_id + 1} not started", self.err)
                 return 143 if self.signalled == signal.SIGTERM else 130
             while (next_id <= job.max_trial_count and len(self.running) < job.parallel_trial_count
                    and not (limit and failed >= limit)):

@@ -168,6 +168,37 @@ def test_trials_run_at_most_parallel_at_once_each_with_its_own_metric_file(tmp_p
     assert f"local tuning job: best trial {best}: val_accuracy 0.9000 with --dropout=0.1" in out
 
 
+def test_ctrl_c_to_the_tuning_runner_is_sigterm_to_every_running_trial_and_exit_130(tmp_path, capsys):
+    import signal
+    import threading
+
+    from google.cloud.aiplatform_v1 import ContainerSpec
+
+    from deploy import local
+    from deploy.local_tuning import run_tuning_job
+
+    waiting = ("import signal, sys, time\n"
+               "signal.signal(signal.SIGTERM, lambda *_: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
+               "print('up', flush=True)\ntime.sleep(60)\n")
+    job = reporter_job(3, 2)
+    job.trial_job_spec.worker_pool_specs[0].container_spec = ContainerSpec(image_uri="img",
+                                                                           command=["python", "-c", waiting])
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        code = run_tuning_job(job, local.Options(stop_grace=5.0), str(tmp_path), environ=dict(os.environ))
+    finally:
+        timer.cancel()
+    out, err = capsys.readouterr()
+    assert code == 130 and time.monotonic() - started < 15
+    assert "local tuning job: Ctrl-C received: trial(s) 1, 2 stopped (SIGTERM to their replicas), 1 not started" in err
+    assert "[trial 1 workerpool0-0] got SIGTERM" in out and "[trial 2 workerpool0-0] got SIGTERM" in out
+    assert "trial 3 starts" not in out, "no trial starts after the signal"
+    for pid in re.findall(r"started trial \d workerpool0-0 \(pid (\d+)\)", out):
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
 # ---------------------------------------------------------------------------------- real jobs
 
 def test_keras_tuner_search_runs_as_one_local_job_chief_and_two_workers_share_the_folder(digits_idx, tmp_path):
