@@ -18,7 +18,10 @@ Two rewrites, and only these: host names become 127.0.0.1 with free ports, and `
 Storage FUSE) in args and env values becomes `GCS_ROOT/BUCKET/...`, a local folder. `gs://` stays as it
 is: real Cloud Storage with credentials, or any emulator through STORAGE_EMULATOR_HOST. A container's
 empty command is the project image's entry point (`python -m trainer.task`, the Dockerfile's ENTRYPOINT),
-run from this checkout with this Python.
+run from this checkout with this Python. A python_package_spec runs `python -m PYTHON_MODULE ARGS` with
+`Options.python`, the interpreter of the virtual environment its sdist is installed in
+(deploy/local_package.py), without PYTHONPATH and with PYTHONSAFEPATH=1, so the replicas import the
+installed package and never this checkout.
 
 Lifecycle, as on Vertex AI: the job succeeds when workerpool0's replicas exit 0; a replica that exits
 non-zero is reported (its last lines) and, with `restarts`, restarted in place (same address, same
@@ -59,6 +62,7 @@ class Options:
     gcs_root: str = "local-gcs"  # where /gcs/BUCKET/... lands
     restarts: int = 0  # in-place restarts per replica (Vertex AI: up to 5)
     stop_grace: float = STOP_GRACE_SECONDS
+    python: Optional[str] = None  # a python_package_spec job: the interpreter its sdist is installed for
 
 
 @dataclasses.dataclass
@@ -101,9 +105,13 @@ def _tf_config(cluster: Dict[str, List[str]], pool: int, index: int) -> dict:
             "environment": "cloud"}
 
 
-def _command(pool_spec) -> List[str]:
-    if "python_package_spec" in pool_spec:
-        raise ValueError("--package jobs cannot run locally yet; use --image (the checkout stands in for the image)")
+def _command(pool_spec, python: Optional[str]) -> List[str]:
+    if "python_package_spec" in pool_spec:  # what the executor image runs once the package is installed
+        if not python:
+            raise ValueError("a python_package_spec job needs Options.python: the interpreter its sdist is installed "
+                             "for (deploy.local_package.install)")
+        package = pool_spec.python_package_spec
+        return [python, "-m", package.python_module, *package.args]
     command = list(pool_spec.container_spec.command) or list(IMAGE_ENTRYPOINT)
     if command[0] in ("python", "python3"):
         command[0] = sys.executable
@@ -122,11 +130,16 @@ def plan_replicas(spec, job_id: str, options: Options, environ: Mapping[str, str
                for number, pool in pools}
     job = json_format.MessageToDict(type(spec).pb(spec))
     inherited = {key: value for key, value in environ.items() if not key.startswith(VERTEX_VARIABLES)}
-    inherited["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
+    if any("python_package_spec" in pool for _, pool in pools):
+        # the installed package, never this checkout: no PYTHONPATH, and not the working folder either
+        inherited.pop("PYTHONPATH", None)
+        inherited["PYTHONSAFEPATH"] = "1"
+    else:
+        inherited["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, environ.get("PYTHONPATH")]))
     base = spec.base_output_directory.output_uri_prefix
     replicas = []
     for number, pool in pools:
-        argv = [map_gcs_fuse(arg, options.gcs_root) for arg in _command(pool)]
+        argv = [map_gcs_fuse(arg, options.gcs_root) for arg in _command(pool, options.python)]
         own_env = {var.name: map_gcs_fuse(var.value, options.gcs_root) for var in pool.container_spec.env}
         for index in range(pool.replica_count):
             task = {"type": f"workerpool{number}", "index": index, "trial": trial_id or ""}

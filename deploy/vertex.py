@@ -12,11 +12,14 @@ image, by default the project's own image: Vertex AI's prebuilt TensorFlow image
 AIP_TENSORBOARD_LOG_DIR land in the trainer's layout. Flags after -- go to python -m trainer.task (or
 tuning.task for a KerasTuner search) and are checked by that module's own parser before anything is
 printed or submitted. A tpu-* job runs the same flags as any other. --dry-run prints the request body as JSON,
-only the fields it sets, and needs no credentials or network. `train --local` runs that very request on
-this machine as Vertex AI would run it (deploy/local.py): one process per replica, Vertex AI's
-environment, the job's lifecycle; try a job there before paying for machines.
+only the fields it sets, and needs no credentials or network. `--local` runs that very request on this
+machine as Vertex AI would run it: a custom job (train, tune --service keras-tuner) as one process per
+replica with Vertex AI's environment and lifecycle (deploy/local.py); a tuning-service job as its trials,
+parameters sampled at random from the study spec (deploy/local_tuning.py); a --package job from its sdist
+installed in a throw-away virtual environment (deploy/local_package.py). Try a job there before paying.
 Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API; with --local a
-replica that failed, or the timeout), 143 and 130 (--local stopped by SIGTERM or Ctrl-C).
+replica that failed, no trial that succeeded, or the timeout), 143 and 130 (--local stopped by SIGTERM or
+Ctrl-C).
 """
 
 from __future__ import annotations
@@ -127,12 +130,14 @@ def _add_common_flags(parser: argparse.ArgumentParser, workers_help: str) -> Non
                              "or network needed")
 
 
-def _add_local_flags(parser: argparse.ArgumentParser) -> None:
+def _add_local_flags(parser: argparse.ArgumentParser):
     local = parser.add_argument_group("running the job here first (--local)")
     local.add_argument("--local", action="store_true",
                        help="run the very request on this machine as Vertex AI would: every replica of every pool a "
                             "local process on 127.0.0.1 with Vertex AI's CLUSTER_SPEC, TF_CONFIG and AIP_* variables "
-                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST)")
+                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST); a "
+                            "tuning-service job: its trials, parameters sampled at random from the study spec; "
+                            "--package: the sdist installed in a throw-away virtual environment first")
     local.add_argument("--local-gcs-root", default="local-gcs", metavar="DIR",
                        help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths")
     local.add_argument("--restarts", type=int, default=0, metavar="N",
@@ -141,6 +146,7 @@ def _add_local_flags(parser: argparse.ArgumentParser) -> None:
     local.add_argument("--stop-grace", type=float, default=STOP_GRACE_SECONDS, metavar="SECONDS",
                        help="with --local: seconds between SIGTERM and SIGKILL when replicas are stopped (Compute "
                             "Engine gives a preempted VM 30)")
+    return local
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Either way the flags after -- are checked by that module's parser first.")
     _add_common_flags(tune, "--service keras-tuner: tuner workers in pool 1 (default: 2); --service vertex: as "
                             "for train, per trial")
+    _add_local_flags(tune).add_argument("--local-output", default="local-tuning", metavar="DIR",
+        help="with --service vertex --local: the folder for each trial's metric file and the job's results "
+             "(JOB_ID/tuning_job.json, JOB_ID/best_trial.json)")
     tune.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
                       help="Vertex AI's tuning service, or a KerasTuner search as one custom job")
     tune.add_argument("--max-trials", type=int, default=12, help="--service vertex: trials in all")
@@ -285,13 +294,12 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
     if getattr(args, "local", False):
         if args.dry_run:
             parser.error("--local runs the job and --dry-run only prints it: choose one")
-        if args.package:
-            parser.error("--local runs --image jobs (this checkout stands in for the image); --package jobs cannot "
-                         "run locally yet")
-    elif args.command == "train" and (args.restarts or args.local_gcs_root != "local-gcs"
-                                      or args.stop_grace != STOP_GRACE_SECONDS):
-        parser.error("--restarts, --local-gcs-root and --stop-grace apply to --local runs only")
-    if args.command == "train" and (args.restarts < 0 or args.stop_grace < 0):
+    elif args.restarts or args.local_gcs_root != "local-gcs" or args.stop_grace != STOP_GRACE_SECONDS or \
+            getattr(args, "local_output", "local-tuning") != "local-tuning":
+        parser.error("--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only")
+    if args.command == "tune" and args.service == "keras-tuner" and args.local_output != "local-tuning":
+        parser.error("--local-output applies to --service vertex (a KerasTuner search writes into its job dir)")
+    if args.restarts < 0 or args.stop_grace < 0:
         parser.error("--restarts and --stop-grace must be 0 or more")
     if args.command == "tune":
         if args.max_trials < 1 or args.parallel_trials < 1:
@@ -415,25 +423,40 @@ def submit(args, job):
     return created
 
 
+def run_locally(args, job, archive: Optional[str], scratch: str) -> int:
+    """The request run here (deploy/local.py): a custom job, or a tuning-service job's trials; a --package job's
+    sdist installed first, as its executor image would install it."""
+    from deploy.local import Options, run_custom_job
+
+    options = Options(args.local_gcs_root, args.restarts, args.stop_grace)
+    if archive:
+        from deploy.local_package import install
+
+        options.python = install(archive, scratch, lambda message: print(f"local job: {message}", flush=True))
+    if args.command == "tune" and args.service == "vertex":
+        from deploy.local_tuning import run_tuning_job
+
+        return run_tuning_job(job, options, args.local_output)
+    return run_custom_job(job, options)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, module_args = parse(argv, os.environ)  # exits 2 on a command-line error
     try:
-        package_uri = None
+        package_uri = archive = None
         with tempfile.TemporaryDirectory() as scratch:
             if args.package:
                 archive = build_sdist(scratch)
                 package_uri = f"{args.staging_bucket.rstrip('/')}/mnist-trainer/{os.path.basename(archive)}"
-                if not args.dry_run:
+                if not (args.dry_run or args.local):  # locally the archive is installed, not uploaded
                     from trainer.storage import upload_file
                     upload_file(archive, package_uri)
-        job = build_job(args, module_args, package_uri)
-        if args.dry_run:
-            print(to_json(job))
-            return 0
-        if getattr(args, "local", False):
-            from deploy.local import Options, run_custom_job
-
-            return run_custom_job(job, Options(args.local_gcs_root, args.restarts, args.stop_grace))
+            job = build_job(args, module_args, package_uri)
+            if args.dry_run:
+                print(to_json(job))
+                return 0
+            if args.local:
+                return run_locally(args, job, archive, scratch)
         created = submit(args, job)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
