@@ -290,21 +290,6 @@ def fresh_venv(path):
     return python
 
 
-def test_package_sdist_installs_in_a_fresh_venv_and_runs(tmp_path):
-    from deploy.vertex import build_sdist
-
-    archive = build_sdist(str(tmp_path / "dist"))
-    python = fresh_venv(tmp_path / "venv")
-    env = dict(os.environ, PYTHONPATH="")
-    subprocess.run([str(python), "-m", "pip", "install", "-q", archive], check=True, env=env, cwd=tmp_path)
-    result = subprocess.run([str(python), "-m", "trainer.task", "--help"], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
-    assert result.returncode == 0 and "--dataset" in result.stdout
-    located = subprocess.run([str(python), "-c", "import trainer, tuning, deploy; print(trainer.__file__)"],
-                             capture_output=True, text=True, env=env, cwd=tmp_path).stdout
-    assert str(tmp_path / "venv") in located, "the package must come from the sdist, not the checkout"
-
-
 def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, digits_idx):
     dockerfile = open(os.path.join(ROOT_DIR, "Dockerfile")).read()
     install = re.search(r'pip install --no-cache-dir "\.\[\$\{VARIANT\},([a-z,]+)\]"', dockerfile)
