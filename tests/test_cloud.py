@@ -190,6 +190,13 @@ def test_idx_cache_follows_the_bucket_changed_and_deleted_objects(gcs, bucket, d
         storage.upload_file(str(changed / name), f"{url}/{name}")
     assert len(data.load_idx_folder(url)["test_images"]) == 10, "a changed object must be fetched again"
 
+    (changed / "cut").write_bytes((changed / "t10k-images-idx3-ubyte").read_bytes()[:100])
+    storage.upload_file(str(changed / "cut"), f"{url}/t10k-images-idx3-ubyte")
+    with pytest.raises(TrainerError) as raised:  # named as the user knows it, not as the local cache file
+        data.load_idx_folder(url)
+    assert str(raised.value).startswith(f"{url}/t10k-images-idx3-ubyte: ") and "cache" not in str(raised.value)
+    storage.upload_file(str(changed / "t10k-images-idx3-ubyte"), f"{url}/t10k-images-idx3-ubyte")
+
     bucket.blob("data/changing/train-labels-idx1-ubyte.gz").delete()
     with pytest.raises(TrainerError, match=rf"^{url}: missing train-labels-idx1-ubyte \(or train-labels"):
         data.load_idx_folder(url)
