@@ -70,7 +70,7 @@ def test_a_run_reads_idx_from_gs_and_writes_everything_to_gs(gcs, bucket, digits
 
 def test_killed_run_resumes_from_gs_checkpoints(gcs, bucket, digits_idx, tmp_path):
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "3", "--batch-size", "32",
-            "--job-dir", "gs://mnist-runs/run2"]
+            "--train-limit", "2000", "--job-dir", "gs://mnist-runs/run2"]
     process = signal_after_first_epoch(args, str(tmp_path / "first.log"), signal.SIGKILL, epochs=3)
     process.wait(timeout=30)
     assert "checkpoints/checkpoint" in names(bucket, "run2/")

@@ -164,9 +164,9 @@ def test_idx_gs_with_the_server_down_at_start_is_one_line_within_the_deadline(ow
                     seconds=time.monotonic() - started, bound=GCS_DEADLINE + 25)
 
 
-@pytest.mark.parametrize("outage", ["killed", "stopped"])
-def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(outage, own_gcs_server, digits_idx, tmp_path):
-    """'killed': connections refused; 'stopped' (SIGSTOP): connections hang, as on a dead network."""
+def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(own_gcs_server, digits_idx, tmp_path):
+    """The server stopped (SIGSTOP) mid-run: connections hang, as on a dead network, the harder case
+    (refused connections are the server-down case above)."""
     server, host = own_gcs_server
     log = str(tmp_path / "log")
     process = _trainer(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "3", "--batch-size", "16",
@@ -175,10 +175,7 @@ def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(outage, own_
     while "epoch 1/3" not in open(log).read():
         assert process.poll() is None and time.monotonic() < deadline, open(log).read()[-2000:]
         time.sleep(0.05)
-    if outage == "killed":
-        server.kill()
-    else:
-        server.send_signal(signal.SIGSTOP)
+    server.send_signal(signal.SIGSTOP)
     started = time.monotonic()
     _, err = process.communicate(timeout=180)
     # one request may be in flight when the outage starts (TIMEOUT = DEADLINE / 3), then the deadline
@@ -212,10 +209,8 @@ PHASES = {
     "data loading": ("trainer.data", "load_splits", 1, 143, "stopped by SIGTERM before training started"),
     "first epoch's validation": ("trainer.steps", "evaluate", 1, 143, "stopped by SIGTERM after epoch 1;"),
     "last epoch's validation": ("trainer.steps", "evaluate", 2, 143, "stopped by SIGTERM after epoch 2;"),
-    "test evaluation": ("trainer.steps", "evaluate", 3, 143, "after training had ended; the test evaluation and "
-                                                             "export were completed first"),
     "export": ("trainer.export", "export_model", 1, 143, "after training had ended"),
-    "export, Ctrl-C": ("trainer.export", "export_model", 1, 130, "stopped by interrupt after training had ended"),
+    "test evaluation, Ctrl-C": ("trainer.steps", "evaluate", 3, 130, "stopped by interrupt after training had ended"),
 }
 
 

@@ -214,34 +214,6 @@ def test_hyperband_refuses_max_trials():
     assert result.returncode == 2 and "--max-trials does not apply to --tuner hyperband" in result.stderr
 
 
-def test_distributed_search_chief_and_two_workers(digits_idx, tmp_path):
-    job_dir = str(tmp_path / "job")
-    port = str(free_port())
-    args = ["--tuner", "random", "--max-trials", "4", "--epochs", "1", "--dataset", f"idx:{digits_idx}",
-            "--train-limit", "1500", "--preset", "seed", "--job-dir", job_dir]
-    processes = []
-    for tuner_id in ("chief", "tuner0", "tuner1"):
-        log = open(tmp_path / f"{tuner_id}.log", "w")
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tuning.task", *args], cwd=ROOT_DIR, stdout=log, stderr=subprocess.STDOUT,
-            env=trainer_env(KERASTUNER_TUNER_ID=tuner_id, KERASTUNER_ORACLE_IP="127.0.0.1",
-                            KERASTUNER_ORACLE_PORT=port)))
-    try:
-        codes = [process.wait(timeout=300) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    logs = {name: (tmp_path / f"{name}.log").read_text()[-2000:] for name in ("chief", "tuner0", "tuner1")}
-    assert codes == [0, 0, 0], logs
-    with open(os.path.join(job_dir, "search_results.json")) as handle:
-        trials = json.load(handle)["trials"]
-    assert len(trials) == 4 and len({row["trial_id"] for row in trials}) == 4
-    assert all(row["status"] == "COMPLETED" for row in trials)
-    trained = [log.count("epoch 1/1") for log in (open(tmp_path / f"{n}.log").read() for n in ("tuner0", "tuner1"))]
-    assert sum(trained) == 4, "every trial ran exactly once, on the workers"
-
-
 def test_hypertune_report_has_one_line_per_epoch(digits_idx, tmp_path):
     metric_file = tmp_path / "hypertune" / "output.metrics"
     result = run_cli(["--dataset", f"idx:{digits_idx}", "--train-limit", "1000", "--epochs", "3", "--preset", "seed",
