@@ -164,6 +164,11 @@ def check_tfds_offline(name: str, data_dir: Optional[str]) -> None:
     for _, _, files in os.walk(folder):
         if "dataset_info.json" in files:
             return  # prepared (or partly): TFDS itself decides
+    _require_download_host(name)
+
+
+def _require_download_host(name: str) -> None:
+    """TFDS alone retries a failed download for minutes; say what to do within seconds instead."""
     if not _reachable("storage.googleapis.com"):
         raise TrainerError(f"--dataset {name}: download failed (no internet connection); {OFFLINE_HINT}")
 
@@ -198,9 +203,7 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...]
         raise TrainerError(f"--dataset {name}: needs 28x28x1 images and 10 labels, this dataset has "
                            f"images {image_shape} and {num_classes} labels")
     if not prepared:
-        # TFDS alone retries a failed download for minutes; say what to do within seconds instead.
-        if not _reachable("storage.googleapis.com"):
-            raise TrainerError(f"--dataset {name}: download failed (no internet connection); {OFFLINE_HINT}")
+        _require_download_host(name)
         try:
             builder.download_and_prepare()
         except Exception as error:  # network and checksum faults come in many types

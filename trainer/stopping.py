@@ -69,45 +69,34 @@ class RunSignals:
 
 
 class StopSignal:
-    """Use as a context manager around the epochs; handlers are restored on exit. Under `RunSignals`
-    it reads that record (a signal during start-up counts) and moves the phase on."""
+    """Use as a context manager around the epochs. Under `RunSignals` it reads that record (a signal
+    during start-up counts) and moves the phase on; without one (the tuner, tests) it installs a
+    record-only RunSignals of its own for the loop's duration, whose handlers are restored on exit."""
 
     def __init__(self, strategy=None, num_workers: int = 1):
-        self._own_code: Optional[int] = None
-        self._previous = {}
-        self._run = RunSignals.current
+        self._outer = RunSignals.current
+        self._run = self._outer or RunSignals(single_process=False)  # records; the loop acts between calls
         self._vote = _make_vote(strategy) if num_workers > 1 else None
 
     @property
     def exit_code(self) -> Optional[int]:
-        return self._run.exit_code if self._run is not None else self._own_code
+        return self._run.exit_code
 
     @exit_code.setter
     def exit_code(self, code: Optional[int]) -> None:
-        if self._run is not None:
-            self._run.exit_code = code
-        else:
-            self._own_code = code
+        self._run.exit_code = code
 
     def __enter__(self):
-        if self._run is not None:
-            self._run.phase = "training"
-        elif threading.current_thread() is threading.main_thread():
-            for signum, code in EXIT_CODES.items():
-                self._previous[signum] = signal.signal(signum, self._handler(code))
+        if self._outer is None:
+            self._run.__enter__()
+        self._run.phase = "training"
         return self
 
-    def _handler(self, code: int):
-        def handle(signum, frame):
-            self.exit_code = code
-        return handle
-
     def __exit__(self, *exc):
-        if self._run is not None and self._run.phase == "training":
+        if self._run.phase == "training":
             self._run.phase = "finishing"
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
+        if self._outer is None:
+            self._run.__exit__(*exc)
 
     def request(self, exit_code: int = 143) -> None:
         """Ask for a stop as a signal would (tests, and code that embeds the loop)."""
