@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import (free_port, read_metrics, run_cli, run_task, signal_after_first_epoch, start_cli,
                       wait_for_line)
 from trainer.distribute import attached_tpu, chief_of, cluster_config
@@ -103,6 +104,24 @@ def _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs, strategy="multi_
             for i in range(2)]
 
 
+def _shared_job(tmp_path):
+    """One --job-dir for both workers (the same command on each, as Vertex AI runs it); a TMPDIR each."""
+    tmp_dirs = [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]
+    for folder in tmp_dirs:
+        os.makedirs(folder)
+    return [str(tmp_path / "job")] * 2, tmp_dirs
+
+
+def _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path):
+    """Rerun both workers with the same command after a stop; returns the chief's metrics."""
+    logs = [str(tmp_path / "b0.log"), str(tmp_path / "b1.log")]
+    assert _wait(_start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)) == [0, 0]
+    outputs = [open(log).read() for log in logs]
+    assert all("resuming from" in output for output in outputs)
+    assert checksum(outputs[0]) == checksum(outputs[1])
+    return read_metrics(job_dirs[0])
+
+
 def _wait(processes, timeout=300):
     codes = []
     for process in processes:
@@ -166,10 +185,7 @@ def test_multi_worker_sigterm_to_one_worker_at_start_up_stops_both_then_both_res
     """SIGTERM reaches one worker while it starts (TensorFlow loading, the cluster forming): it must not
     leave alone (its peer would wait in a collective), so both stop at the first vote, step 20 of
     epoch 1, with a checkpoint and exit 143."""
-    job_dirs = [str(tmp_path / "job")] * 2  # the same command on both workers, as Vertex AI runs it
-    tmp_dirs = [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]
-    for folder in tmp_dirs:
-        os.makedirs(folder)
+    job_dirs, tmp_dirs = _shared_job(tmp_path)
     extra = ["--epochs", "2", "--batch-size", "32", "--train-limit", "1500"]
     logs = [str(tmp_path / "a0.log"), str(tmp_path / "a1.log")]
     processes = _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)
@@ -178,14 +194,57 @@ def test_multi_worker_sigterm_to_one_worker_at_start_up_stops_both_then_both_res
     processes[1].send_signal(signal.SIGTERM)
     assert _wait(processes, timeout=120) == [143, 143]
     assert all("stopped by SIGTERM at epoch 1, step 20/" in open(log).read() for log in logs)
-    logs = [str(tmp_path / "b0.log"), str(tmp_path / "b1.log")]
-    assert _wait(_start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)) == [0, 0]
-    outputs = [open(log).read() for log in logs]
-    assert all("resuming from" in output for output in outputs)
-    assert checksum(outputs[0]) == checksum(outputs[1])
-    metrics = read_metrics(job_dirs[0])
+    metrics = _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path)
     assert (metrics["initial_epoch"], metrics["initial_step"]) == (0, 20)
     assert metrics["epochs_completed"] == 2 and metrics["num_replicas"] == 2
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["leader", "non-leader"])
+def test_kill_9_of_one_worker_stops_the_other_with_one_line_and_a_rerun_resumes(digits_idx, tmp_path, victim):
+    """A worker dies (kill -9: a crash or a preemption without notice) after epoch 1's checkpoint. The
+    survivor must not wait forever in a collective: it exits 1 within 60 s (README: TensorFlow's
+    coordination service notices within about 10 s, at once when the connection is reset) with one line
+    naming the lost task, no traceback. Worker 0 is the leader: it hosts the coordination service, so
+    its death and a non-leader's reach the survivor differently. Rerunning both resumes from epoch 1."""
+    job_dirs, tmp_dirs = _shared_job(tmp_path)
+    extra = ["--epochs", "4", "--batch-size", "32", "--train-limit", "3000"]
+    logs = [str(tmp_path / "a0.log"), str(tmp_path / "a1.log")]
+    processes = _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)
+    for log, process in zip(logs, processes):
+        wait_for_line(log, "epoch 1/4", process)  # both have saved epoch 1
+    processes[victim].kill()
+    killed = time.monotonic()
+    survivor = 1 - victim
+    assert processes[survivor].wait(timeout=90) == 1
+    assert time.monotonic() - killed < 60
+    processes[victim].wait()
+    output = open(logs[survivor]).read()
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"lost a peer: worker {victim} " in errors[0], output[-3000:]
+    assert "epoch 4/4" not in output
+    metrics = _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path)
+    assert metrics["initial_epoch"] >= 1 and metrics["epochs_completed"] == 4
+
+
+def test_a_worker_whose_peer_never_starts_gives_up_after_cluster_wait(digits_idx, tmp_path):
+    """Without --cluster-wait TensorFlow would wait for a missing peer forever (and ignore SIGTERM while it
+    waits). Nothing listens on the peer's port here: the worker reports progress, then exits 1 naming it,
+    and leaves no job folder behind."""
+    ports = [free_port(), free_port()]
+    job_dir = str(tmp_path / "lone")
+    started = time.monotonic()
+    result = run_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--job-dir", job_dir,
+                      "--cluster-wait", "12"], timeout=90, TF_CONFIG=tf_config(ports, 0))
+    out, err = result.stdout, result.stderr
+    assert result.returncode == 1, err
+    assert "waiting for the cluster to start" in out and f"worker 1 (127.0.0.1:{ports[1]})" in out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: the cluster did not start within 12 s (--cluster-wait): not started: worker 1 "
+                      f"(127.0.0.1:{ports[1]}); check those replicas' logs, or raise --cluster-wait when replicas "
+                      "start far apart"], err
+    assert time.monotonic() - started < 60
+    assert not os.path.exists(job_dir)
 
 
 def test_bf16_mixed_precision_compiles_trains_and_serves_float32(digits_idx, tmp_path):

@@ -44,6 +44,8 @@ USAGE_ERRORS = [
     (["--intra-op-threads", "50000"], "--intra-op-threads must be in [0, "),
     (["--inter-op-threads", "-1"], "--inter-op-threads must be in [0, "),
     (["--cpu-devices", "1000"], "--cpu-devices must be in [0, 64]"),
+    (["--cluster-wait", "-5"], "--cluster-wait must be in [0, 604800] seconds (0: wait forever), got -5"),
+    (["--cluster-wait", "nan"], "--cluster-wait must be in [0, 604800] seconds"),
     (["--profile-steps", "0,3"], "--profile-steps: needs 1 <= START < END"),
     (["--profile-steps", "3"], "--profile-steps: expected START,END"),
     (["--job-dir", "gs://Bad_Bucket!/run"], "--job-dir gs://Bad_Bucket!/run: bucket name 'Bad_Bucket!' is not valid"),

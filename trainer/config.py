@@ -98,6 +98,7 @@ _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 # the data order), thread pools beyond a few per core only cost memory and start-up (50,000 hung here).
 MAX_SEED = 2 ** 32 - 1
 MAX_EPOCHS = 1_000_000
+MAX_CLUSTER_WAIT = 7 * 24 * 3600  # Vertex AI's longest job timeout
 MAX_CPU_DEVICES = 64
 
 
@@ -153,6 +154,7 @@ class Config:
     jit_compile: str = "auto"
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    cluster_wait: float = 600.0
     steps_per_execution: int = 20
     profile_steps: Optional[Tuple[int, int]] = None
     resume: bool = True
@@ -227,6 +229,8 @@ def validate(config: Config) -> None:
     for flag, value in (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads)):
         require(0 <= value <= max_threads(), f"{flag} must be in [0, {max_threads()}] (0: TensorFlow's choice; the "
                                              f"bound is 4 per CPU of this machine, at least 64), got {value}")
+    require(0 <= config.cluster_wait <= MAX_CLUSTER_WAIT,
+            f"--cluster-wait must be in [0, {MAX_CLUSTER_WAIT}] seconds (0: wait forever), got {config.cluster_wait:g}")
     require(config.mixed_precision in MIXED_PRECISION,
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
@@ -397,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="threads inside one op (0: all cores on a CPU-only host, else TensorFlow's choice)")
     dist.add_argument("--inter-op-threads", type=int, default=0,
                       help="ops run in parallel (0: 1 on a CPU-only host, else TensorFlow's choice)")
+    dist.add_argument("--cluster-wait", type=float, default=600.0, metavar="SECONDS",
+                      help="in a cluster, how long a worker waits for the others to start before it exits 1 "
+                           "naming the missing ones (0: forever, as TensorFlow does)")
     dist.add_argument("--profile-steps", type=_step_range, default=None,
                       help="START,END: record a TensorFlow profile of these training steps into the log dir "
                            "(TensorBoard's Profile tab, with the tensorboard-plugin-profile package; default: off)")
@@ -481,6 +488,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             jit_compile=args.jit_compile,
             intra_op_threads=args.intra_op_threads,
             inter_op_threads=args.inter_op_threads,
+            cluster_wait=args.cluster_wait,
             steps_per_execution=args.steps_per_execution,
             profile_steps=args.profile_steps,
             resume=args.resume,

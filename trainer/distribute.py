@@ -13,9 +13,12 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Mapping, Optional
+import re
+import socket
+import time
+from typing import Any, List, Mapping, Optional
 
-from trainer.errors import TrainerError
+from trainer.errors import Interrupted, TrainerError
 
 # Vertex AI worker pools, in CLUSTER_SPEC order, as TF_CONFIG task types.
 VERTEX_POOLS = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps", "workerpool3": "evaluator"}
@@ -137,7 +140,123 @@ def _connect_tpu(tpu: str):
                            "--strategy auto or default on machines without a TPU") from None
 
 
-def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu: Optional[str] = None) -> Resolved:
+# How long a worker waits for the rest of its cluster to start before it gives up (--cluster-wait). Vertex
+# AI starts every replica of a job together, but a replica's image pull or machine can take minutes.
+CLUSTER_WAIT_SECONDS = 600
+# Once a signal came while the cluster was still starting: the time the peers get to join, so that the
+# first vote of the training loop can stop every worker together, before this one leaves alone.
+SIGNAL_GRACE_SECONDS = 20
+
+
+def cluster_peers(tf_config: dict) -> List[tuple]:
+    """(name, address) of every other training task (chief, master, worker), e.g. ('worker 1', 'host:2222')."""
+    task = tf_config.get("task", {})
+    own = (task.get("type"), int(task.get("index", 0)))
+    return [(f"{kind} {index}", address) for kind in ("chief", "master", "worker")
+            for index, address in enumerate(tf_config.get("cluster", {}).get(kind, [])) if (kind, index) != own]
+
+
+def _listening(address: str, timeout: float = 1.0) -> bool:
+    """Whether something accepts TCP connections at HOST:PORT (a peer's gRPC server has started)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):  # refused, unreachable, a name not resolvable yet, a bad port
+        return False
+
+
+def not_started(peers: List[tuple]) -> List[str]:
+    """The peers whose server does not answer yet, as 'worker 1 (host:port)'."""
+    return [f"{name} ({address})" for name, address in peers if not _listening(address)]
+
+
+def _beacon(address: str):
+    """A listening socket on this task's own port while it waits for its peers, so that they see it start
+    before TensorFlow's server takes the port over (SO_REUSEADDR: the port is free again at once)."""
+    port = int(address.rpartition(":")[2])
+    try:
+        if socket.has_dualstack_ipv6():
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=False)
+        return socket.create_server(("", port))
+    except OSError as error:
+        raise TrainerError(f"cannot listen on port {port} ({address} in the cluster spec): {error.strerror}; "
+                           "another process holds it") from None
+
+
+def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None) -> None:
+    """Return once every other training task of the cluster listens on its port; at most `wait_seconds` (0:
+    forever), else a TrainerError naming the missing tasks.
+
+    Why not leave it to TensorFlow: MultiWorkerMirroredStrategy's creation blocks until every task has
+    registered with the coordination service on task 0, with no deadline, holding the GIL (no signal
+    handler runs, no watchdog thread either). So each task first opens its own port (a beacon) and probes
+    its peers' ports from Python. A stop signal during the wait gives the peers SIGNAL_GRACE_SECONDS more
+    to appear (the training loop's first vote then stops everyone together); then this task stops alone.
+    """
+    task = tf_config.get("task", {})
+    own = tf_config["cluster"][task.get("type")][int(task.get("index", 0))]
+    peers = cluster_peers(tf_config)
+    started = time.monotonic()
+    deadline = started + wait_seconds if wait_seconds else float("inf")
+    next_report, graced = started + 10, False
+    with _beacon(own):
+        while True:
+            missing = not_started(peers)
+            if not missing:
+                return
+            now = time.monotonic()
+            signalled = signals is not None and signals.exit_code is not None
+            if signalled and not graced:
+                deadline, graced = min(deadline, now + SIGNAL_GRACE_SECONDS), True
+            if now >= deadline:
+                if signalled:
+                    from trainer.stopping import NAMES
+                    raise Interrupted(signals.exit_code, f"stopped by {NAMES[signals.exit_code]} while waiting for "
+                                                         f"the cluster to start (not started: {', '.join(missing)}); "
+                                                         "nothing was saved")
+                raise TrainerError(f"the cluster did not start within {wait_seconds:g} s (--cluster-wait): not "
+                                   f"started: {', '.join(missing)}; check those replicas' logs, or raise "
+                                   "--cluster-wait when replicas start far apart")
+            if now >= next_report:
+                limit = f"giving up after {wait_seconds:g} s, --cluster-wait" if wait_seconds else "no limit"
+                log(f"waiting for the cluster to start ({now - started:.0f} s): not started: {', '.join(missing)} "
+                    f"({limit})")
+                next_report = now + 30
+            time.sleep(0.5)
+
+
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def lost_peer(error: BaseException, own_task: tuple) -> Optional[str]:
+    """What a collective's failure says about a lost peer, as 'worker 1 stopped sending heartbeats', or None
+    when the error is not about another task. TensorFlow reports a task whose heartbeats stopped (the
+    coordination service's check, about 10 s) or a connection the peer's death reset; the text is all
+    there is to go on."""
+    if type(error).__name__ not in ("UnavailableError", "AbortedError", "CancelledError", "InternalError",
+                                    "DeadlineExceededError"):
+        return None
+    text = str(getattr(error, "message", "") or error)
+    unhealthy = re.search(r"tasks are unhealthy[^\n]*\n((?:\s*/job:\S+\s*\n?)+)", text)
+    region = unhealthy.group(1) if unhealthy else text
+    tasks = []
+    for kind, index in _TASK.findall(region):
+        if (kind, int(index)) != own_task and f"{kind} {index}" not in tasks:
+            tasks.append(f"{kind} {index}")
+    if not tasks:
+        return None
+    if unhealthy or "heartbeat" in text:
+        how = "stopped sending heartbeats"
+    elif re.search(r"Connection reset|Socket closed|Connection refused|failed to connect|Broken pipe", text, re.I):
+        how = "closed its connection"
+    else:
+        how = "stopped answering"
+    return f"{' and '.join(tasks)} {how}"
+
+
+def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu: Optional[str] = None,
+                     cluster_wait: float = CLUSTER_WAIT_SECONDS, log=print) -> Resolved:
     import tensorflow as tf
 
     environ = os.environ if environ is None else environ
@@ -168,6 +287,9 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
         task_type, task_id, is_chief = chief_of(tf_config)
         resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
             tf.train.ClusterSpec(tf_config["cluster"]), task_type=task_type, task_id=task_id, rpc_layer="grpc")
+        from trainer.stopping import RunSignals
+
+        wait_for_peers(tf_config, cluster_wait, log, RunSignals.current)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
         workers = sum(len(tf_config["cluster"].get(kind, [])) for kind in ("chief", "master", "worker"))
         return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, workers)

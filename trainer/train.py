@@ -55,7 +55,8 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
         from trainer.distribute import configure_host, resolve_strategy
 
         configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
-        resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu)
+        resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu,
+                                    config.cluster_wait, log)
     from trainer.distribute import jit_compile_setting, mixed_precision_policy
 
     policy = mixed_precision_policy(config.mixed_precision, resolved)
@@ -115,6 +116,9 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
                                f"is kept ({checkpoints.latest or 'none yet'}); the likely cause is a learning rate "
                                f"too high for this model (--learning-rate {config.learning_rate:g}): lower it and "
                                "rerun with --no-resume", str(diverged)) from None
+    except Exception as error:
+        _raise_if_peer_lost(error, resolved, checkpoints)
+        raise
     if not extras.evaluate_and_export:
         best = max(history, key=lambda row: row["val_accuracy"]) if history else {}
         return dict(history=history, val_accuracy=best.get("val_accuracy"), val_loss=best.get("val_loss"),
@@ -122,6 +126,23 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     position = dict(epochs_completed=checkpoints.position[0], initial_epoch=initial_epoch, initial_step=initial_step)
     return _evaluate_and_export(config, splits, resolved, state, predict, history, position, trained, outputs,
                                 summaries, log)
+
+
+def _raise_if_peer_lost(error: BaseException, resolved, checkpoints: Checkpoints) -> None:
+    """In a cluster, a collective that failed because another worker died becomes one line naming it.
+    TensorFlow notices within about 10 s (its coordination service's heartbeat timeout) or at once when the
+    peer's connection is reset; every collective of this process fails from then on, so it must exit."""
+    if resolved.num_workers < 2:
+        return
+    from trainer.distribute import lost_peer
+
+    # writing() turns a failed checkpoint save into a TrainerError; the TensorFlow error is its context
+    for candidate in (error, error.__context__):
+        lost = lost_peer(candidate, (resolved.task_type, resolved.task_id)) if candidate is not None else None
+        if lost:
+            raise TrainerError(f"lost a peer: {lost} (it crashed, was killed or preempted), so this worker stops "
+                               f"too; rerun the whole cluster (Vertex AI restarts the replica) to resume from "
+                               f"{checkpoints.latest or 'the start (no checkpoint yet)'}") from None
 
 
 def _fit(config: Config, splits, resolved, state, checkpoints, history, observers, predict, jit_compile,
