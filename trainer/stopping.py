@@ -3,7 +3,9 @@
 `RunSignals` (installed by `trainer.task` around the whole run) records the signal and acts by phase:
   start      (before the first training step) a single process stops at once: Interrupted is raised
              from the handler; in a cluster the signal is only recorded, and the first vote of the
-             training loop stops every worker together (one that left alone would strand its peers);
+             training loop stops every worker together (one that left alone would strand its peers;
+             but a worker still waiting for peers that never started leaves 20 s after the signal:
+             `trainer.distribute.wait_for_peers`);
   training   the flag is checked between multi-step calls and after each epoch's validation (see
              `StopSignal`);
   finishing  (test evaluation, export, upload) the run completes its outputs first (seconds; Vertex AI
