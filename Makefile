@@ -36,7 +36,7 @@ train: install
 	$(PY) -m trainer.task $(ARGS)
 
 test: install-test data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -235,12 +235,12 @@ def test_a_worker_whose_peer_never_starts_gives_up_after_cluster_wait(digits_idx
     job_dir = str(tmp_path / "lone")
     started = time.monotonic()
     result = run_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--job-dir", job_dir,
-                      "--cluster-wait", "12"], timeout=90, TF_CONFIG=tf_config(ports, 0))
+                      "--cluster-wait", "6"], timeout=90, TF_CONFIG=tf_config(ports, 0))
     out, err = result.stdout, result.stderr
     assert result.returncode == 1, err
     assert "waiting for the cluster to start" in out and f"worker 1 (127.0.0.1:{ports[1]})" in out
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: the cluster did not start within 12 s (--cluster-wait): not started: worker 1 "
+    assert errors == [f"error: the cluster did not start within 6 s (--cluster-wait): not started: worker 1 "
                       f"(127.0.0.1:{ports[1]}); check those replicas' logs, or raise --cluster-wait when replicas "
                       "start far apart"], err
     assert time.monotonic() - started < 60

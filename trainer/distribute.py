@@ -199,7 +199,7 @@ def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None
     peers = cluster_peers(tf_config)
     started = time.monotonic()
     deadline = started + wait_seconds if wait_seconds else float("inf")
-    next_report, graced = started + 10, False
+    next_report, graced = started + min(10, wait_seconds / 2 or 10), False
     with _beacon(own):
         while True:
             missing = not_started(peers)
