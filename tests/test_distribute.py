@@ -47,6 +47,30 @@ def test_worker_0_is_chief_when_there_is_no_chief_and_single_task_is_no_cluster(
     assert cluster_config({}) is None
 
 
+def test_cluster_wait_names_the_peers_that_never_started_and_a_task_outside_its_cluster():
+    """The port probe alone (no TensorFlow): a peer that listens counts as started, one that does not is
+    named with its address once the wait is over; a TF_CONFIG whose task is not in its cluster is refused."""
+    import socket
+
+    from trainer.distribute import wait_for_peers
+    from trainer.errors import TrainerError
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        up, down, own = listening.getsockname()[1], free_port(), free_port()
+        config = {"cluster": {"chief": [f"127.0.0.1:{up}"], "worker": [f"127.0.0.1:{own}", f"127.0.0.1:{down}"]},
+                  "task": {"type": "worker", "index": 0}}
+        lines = []
+        with pytest.raises(TrainerError) as error:
+            wait_for_peers(config, 1.5, lines.append)
+    assert str(error.value).startswith(f"the cluster did not start within 1.5 s (--cluster-wait): not started: "
+                                       f"worker 1 (127.0.0.1:{down}); ")
+    assert len(lines) == 1 and re.fullmatch(rf"waiting for the cluster to start \(\d s\): not started: worker 1 "
+                                            rf"\(127\.0\.0\.1:{down}\) \(giving up after 1\.5 s, --cluster-wait\)", lines[0])
+    config["task"]["index"] = 2
+    with pytest.raises(TrainerError, match=r"this task \(worker 2\) is not in its cluster \(chief x1, worker x2\)"):
+        wait_for_peers(config, 1)
+
+
 def test_tpu_detection_is_instant_and_finds_nothing_here():
     started = time.monotonic()
     assert attached_tpu({}) is None

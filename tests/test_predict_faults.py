@@ -206,7 +206,7 @@ def test_in_a_fresh_process_stderr_is_still_one_line(model_copy, digit_png, case
 
 
 def test_startup_lines_below_the_log_level_are_held_back(monkeypatch):
-    from trainer.predict import startup_lines_to_show
+    from trainer.errors import startup_lines_to_show
 
     chatter = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
                "I0000 00:00:1796037141.880327    9283 port.cc:153] oneDNN custom operations are on.\n"

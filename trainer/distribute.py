@@ -195,7 +195,12 @@ def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None
     to appear (the training loop's first vote then stops everyone together); then this task stops alone.
     """
     task = tf_config.get("task", {})
-    own = tf_config["cluster"][task.get("type")][int(task.get("index", 0))]
+    try:
+        own = tf_config["cluster"][task.get("type")][int(task.get("index", 0))]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise TrainerError(f"TF_CONFIG: this task ({task.get('type')} {task.get('index', 0)}) is not in its "
+                           f"cluster ({', '.join(f'{kind} x{len(hosts)}' for kind, hosts in tf_config['cluster'].items())})"
+                           ) from None
     peers = cluster_peers(tf_config)
     started = time.monotonic()
     deadline = started + wait_seconds if wait_seconds else float("inf")

@@ -5,8 +5,11 @@ turns the faults of writing outputs (a full disk, a vanished folder, TensorFlow'
 """
 
 import contextlib
+import os
 import re
 import sys
+import tempfile
+from typing import List
 
 
 class TrainerError(Exception):
@@ -31,8 +34,37 @@ class Interrupted(BaseException):
         self.exit_code = exit_code
 
 
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")  # absl's prefix (epoch seconds, then)
+
+
 def require_tensorflow():
-    """Import TensorFlow, or say which extra installs it (it is not a hard requirement of the package)."""
+    """Import TensorFlow, or say which extra installs it (it is not a hard requirement of the package).
+
+    The first import holds back what TensorFlow's C++ start-up writes to stderr below TF_CPP_MIN_LOG_LEVEL
+    anyway: absl logs to stderr unfiltered until it is initialised (TF 2.21 prints its oneDNN notice twice
+    that way, each after absl's own warning about it). Other lines are passed on."""
+    if "tensorflow" in sys.modules:
+        return _import_tensorflow()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep clean
+        return _import_tensorflow()
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            return _import_tensorflow()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in startup_lines_to_show(captured.read().decode(errors="replace")):
+                print(line, file=sys.stderr)
+
+
+def _import_tensorflow():
     try:
         import tensorflow
     except ModuleNotFoundError as error:
@@ -41,6 +73,21 @@ def require_tensorflow():
         raise TrainerError("TensorFlow is not installed: pip install 'mnist-trainer[cpu]' "
                            "(or [gpu] on a CUDA machine, [tpu] on a TPU VM)") from None
     return tensorflow
+
+
+def startup_lines_to_show(text: str) -> List[str]:
+    """The lines of TensorFlow's start-up output a user asked for: absl's log lines at or above
+    TF_CPP_MIN_LOG_LEVEL (0 info, 1 warning, 2 error), and anything that is not an absl log line."""
+    try:
+        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        min_level = 0
+    shown = []
+    for line in text.splitlines():
+        match = _ABSL_LINE.match(line)
+        if line != _ABSL_PREAMBLE and not (match and "IWEF".index(match.group(1)) < min_level):
+            shown.append(line)
+    return shown
 
 
 def fault_reason(error: BaseException) -> str:

@@ -387,51 +387,8 @@ TAKES = ["image uint8 [?,28,28]"]
 RETURNS = ["classes int64 [?]", f"probabilities float32 [?,{NUM_CLASSES}]"]
 INDEX_FILE = "variables/variables.index"
 _DATA_FILE = re.compile(r"^variables\.data-\d{5}-of-(\d{5})$")
-_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-_ABSL_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")  # absl's prefix (epoch seconds, then)
-
-
 def _fault(shown: str, problem: str) -> TrainerError:
     return TrainerError(f"--model-dir {shown}: {problem}")
-
-
-def import_tensorflow_quietly():
-    """`require_tensorflow()`, holding back what TensorFlow's C++ start-up writes to stderr below
-    TF_CPP_MIN_LOG_LEVEL anyway: absl logs to stderr unfiltered until it is initialised (TF 2.21 prints its
-    oneDNN notice twice that way, each after absl's own warning about it). Other lines are passed on."""
-    if "tensorflow" in sys.modules:
-        return require_tensorflow()
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to keep clean
-        return require_tensorflow()
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            return require_tensorflow()
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in startup_lines_to_show(captured.read().decode(errors="replace")):
-                print(line, file=sys.stderr)
-
-
-def startup_lines_to_show(text: str) -> List[str]:
-    """The lines of TensorFlow's start-up output a user asked for: absl's log lines at or above
-    TF_CPP_MIN_LOG_LEVEL (0 info, 1 warning, 2 error), and anything that is not an absl log line."""
-    try:
-        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
-    except ValueError:
-        min_level = 0
-    shown = []
-    for line in text.splitlines():
-        match = _ABSL_LINE.match(line)
-        if line != _ABSL_PREAMBLE and not (match and "IWEF".index(match.group(1)) < min_level):
-            shown.append(line)
-    return shown
 
 
 def local_model_dir(model_dir: str) -> str:
@@ -614,7 +571,7 @@ def load_serving(local: str, shown: str):
     """The model's `serving_default` function, once its files, signature and variables are checked."""
     from google.protobuf.message import DecodeError
 
-    tf = import_tensorflow_quietly()
+    tf = require_tensorflow()
     check_signature(tf, read_saved_model(local, shown), shown)
     check_variables(tf, local, shown)
     try:
