@@ -57,7 +57,7 @@ def test_quick_preset_is_the_default_recipe_over_fewer_epochs():
 def test_quick_run_ends_naming_the_full_recipe():
     config = parse(["--preset", "quick", "--dataset", "idx:/data/fashion", "--job-dir", "/tmp/x"])
     assert full_recipe_hint(config, 24.0) == (
-        "quick preset: 4 epochs of the default recipe; for the full recipe run `python -m trainer.task --dataset "
+        "quick preset: 3 epochs of the default recipe; for the full recipe run `python -m trainer.task --dataset "
         "idx:/data/fashion` (15 epochs, about 6 min of training at this run's pace)")
     assert full_recipe_hint(parse(["--preset", "quick", "--job-dir", "/tmp/x"]), None).endswith(
         "run `python -m trainer.task` (15 epochs)")
@@ -190,6 +190,6 @@ def test_recipe_flags_say_their_values_come_from_the_preset():
     from trainer.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "--epochs EPOCHS passes over the training split (from --preset: default 15, quick 4, seed 10)" in text
+    assert "--epochs EPOCHS passes over the training split (from --preset: default 15, quick 3, seed 10)" in text
     assert "--batch-norm, --no-batch-norm batch normalisation after each conv and the dense layer (from --preset: " \
            "default on, seed off)" in text

@@ -79,7 +79,7 @@ RECIPE = {
 SEED_RECIPE = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE = {key: default for key, (_, _, default) in RECIPE.items()}
 # quick: the default recipe over fewer epochs (its cosine decay spans those), what `make train` runs first.
-QUICK_EPOCHS = 4
+QUICK_EPOCHS = 3
 PRESETS = {
     "seed": SEED_RECIPE,
     "default": DEFAULT_RECIPE,
