@@ -1,4 +1,5 @@
-# make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv
+# make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv: --preset quick (about two minutes)
+#                                     unless ARGS names a preset, e.g. ARGS="--preset default" (the full recipe)
 # make test                           the whole test suite (what CI runs)
 # Every target is idempotent: the virtual environment is built once and rebuilt when setup.py changes.
 
@@ -32,8 +33,11 @@ data:
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "not a Debian machine: the Fashion-MNIST tests need $(FASHION_MNIST) (IDX files)" >&2; fi
 
+# The quick preset unless ARGS chooses one (--preset NAME or --preset=NAME).
+TRAIN_PRESET := $(if $(filter --preset --preset=%,$(ARGS)),,--preset quick)
+
 train: install
-	$(PY) -m trainer.task $(ARGS)
+	$(PY) -m trainer.task $(TRAIN_PRESET) $(ARGS)
 
 test: install-test data
 	$(PY) -m pytest -q --durations=15 tests

@@ -4,17 +4,28 @@
                                                   the seed model's (or the flags' model's) train step in a
                                                   tight tf.function loop on in-memory tensors (no input
                                                   pipeline): examples/s
-    python bench/probes.py to-accuracy --target 0.9 [--checks-per-epoch 4] --out F -- TRAINER FLAGS
+    python bench/probes.py to-accuracy --target 0.9 [--checks-per-epoch 4] [--then-checks-per-epoch 1]
+                                       --out F -- TRAINER FLAGS
                                                   a whole trainer run that also checks the test accuracy
                                                   4 times an epoch (checks excluded from the time) until
-                                                  it first reaches the target
+                                                  it first reaches the target, then (optionally) once an
+                                                  epoch to the end: the accuracy-against-time curve
+    python bench/probes.py first-epoch --out F -- TRAINER FLAGS
+                                                  a whole trainer run timing every multi-step call: what
+                                                  the first epoch pays that later ones do not (the first
+                                                  call: tracing and graph set-up; anything else shows as
+                                                  slower later calls), and the time from process start
+                                                  to the first step
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
+
+STARTED = time.perf_counter()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,7 +71,7 @@ def ceiling(out, trainer_args, steps=300):
                        parameters=model.count_params()), handle)
 
 
-def to_accuracy(out, target, checks_per_epoch, trainer_args):
+def to_accuracy(out, target, checks_per_epoch, trainer_args, then_per_epoch=0):
     """Checks the test accuracy `checks_per_epoch` times an epoch (at the end of the multi-step call that
     crosses each check point) until it reaches the target, then trains on to the end of the run; the
     checks' time is excluded from the training time."""
@@ -76,7 +87,7 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
 
     class Target(Observer):
         def __init__(self):
-            self.clock = AccuracyChecks(target, checks_per_epoch, self.test_accuracy)
+            self.clock = AccuracyChecks(target, checks_per_epoch, self.test_accuracy, then_per_epoch)
 
         def on_train_begin(self, model, initial_epoch):
             self.model = model
@@ -102,20 +113,70 @@ def to_accuracy(out, target, checks_per_epoch, trainer_args):
                        epochs=metrics["epochs_completed"]), handle)
 
 
+def first_epoch(out, trainer_args):
+    """Wall time of every multi-step call of every epoch, and the process's time to its first call."""
+    from trainer.config import parse_config
+    from trainer.observers import Observer
+    from trainer.train import train_and_evaluate
+
+    config = parse_config(trainer_args, os.environ)
+
+    class Calls(Observer):
+        def __init__(self):
+            self.epochs, self.first_call_at = [], None
+
+        def on_epoch_begin(self, epoch):
+            self.epochs.append(dict(calls=[], cpu=[], started=time.perf_counter()))
+
+        def on_chunk_begin(self, global_step):
+            self.first_call_at = self.first_call_at or time.perf_counter() - STARTED
+            self.began, self.cpu_began = time.perf_counter(), time.process_time()
+
+        def on_chunk_end(self, global_step):
+            self.epochs[-1]["calls"].append(time.perf_counter() - self.began)
+            self.epochs[-1]["cpu"].append(time.process_time() - self.cpu_began)  # all threads: the work done
+
+        def on_steps_end(self, epoch):
+            self.epochs[-1]["seconds"] = time.perf_counter() - self.epochs[-1].pop("started")
+
+    calls = Calls()
+    train_and_evaluate(config, observers=[calls])
+    epochs = []
+    for number, epoch in enumerate(calls.epochs, 1):
+        timed = epoch["calls"]
+        typical = statistics.median(timed[1:])
+        epochs.append(dict(epoch=number, seconds=round(epoch["seconds"], 3), calls=len(timed),
+                           first_call=round(timed[0], 3), median_call=round(typical, 3),
+                           calls_after_first=round(sum(timed[1:]), 3),
+                           outside_calls=round(epoch["seconds"] - sum(timed), 3),
+                           cpu_first_call=round(epoch["cpu"][0], 3), cpu_calls_after_first=round(sum(epoch["cpu"][1:]), 3),
+                           call_seconds=[round(seconds, 3) for seconds in timed]))
+        print(f"epoch {number}: {epoch['seconds']:.2f} s; first call {timed[0]:.3f} s, median call {typical:.3f} s, "
+              f"the other {len(timed) - 1} calls {sum(timed[1:]):.2f} s, outside the calls "
+              f"{epoch['seconds'] - sum(timed):.2f} s; CPU time: first call {epoch['cpu'][0]:.2f} s, the others "
+              f"{sum(epoch['cpu'][1:]):.2f} s", flush=True)
+    with open(out, "w") as handle:
+        json.dump(dict(first_call_after_start=round(calls.first_call_at, 2), epochs=epochs), handle, indent=1)
+    print(f"first call {calls.first_call_at:.2f} s after the process started")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("probe", choices=("ceiling", "to-accuracy"))
+    parser.add_argument("probe", choices=("ceiling", "to-accuracy", "first-epoch"))
     parser.add_argument("--out", required=True)
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--checks-per-epoch", type=int, default=4)
+    parser.add_argument("--then-checks-per-epoch", type=int, default=0)
     argv = sys.argv[1:]
     trainer_args = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.probe == "ceiling":
         ceiling(args.out, trainer_args)
+    elif args.probe == "first-epoch":
+        first_epoch(args.out, trainer_args)
     else:
-        to_accuracy(args.out, args.target, args.checks_per_epoch, trainer_args)
+        to_accuracy(args.out, args.target, args.checks_per_epoch, trainer_args, args.then_checks_per_epoch)
 
 
 if __name__ == "__main__":

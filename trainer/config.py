@@ -78,9 +78,12 @@ RECIPE = {
 }
 SEED_RECIPE = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE = {key: default for key, (_, _, default) in RECIPE.items()}
+# quick: the default recipe over fewer epochs (its cosine decay spans those), what `make train` runs first.
+QUICK_EPOCHS = 3
 PRESETS = {
     "seed": SEED_RECIPE,
     "default": DEFAULT_RECIPE,
+    "quick": dict(DEFAULT_RECIPE, epochs=QUICK_EPOCHS),
 }
 # Values an --hparams-file may set (the recipe), and the settings a checkpoint must share with the run
 # that resumes from it: the data and the recipe, except epochs (a resumed run may train longer).
@@ -319,7 +322,19 @@ def _preset_values(key: str) -> str:
         return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" if isinstance(value, float) \
             else str(value)
 
-    return f" (from --preset: default {shown(DEFAULT_RECIPE[key])}, seed {shown(SEED_RECIPE[key])})"
+    quick = PRESETS["quick"][key]
+    return (f" (from --preset: default {shown(DEFAULT_RECIPE[key])}"
+            f"{'' if quick == DEFAULT_RECIPE[key] else f', quick {shown(quick)}'}, seed {shown(SEED_RECIPE[key])})")
+
+
+def full_recipe_hint(config: Config, seconds_per_epoch: Optional[float]) -> str:
+    """The line a --preset quick run ends with: how to run the full default recipe, and how long its
+    training would take at this run's pace (seconds per epoch; None when no epoch was trained)."""
+    dataset = "" if config.dataset == "mnist" else f" --dataset {config.dataset}"
+    epochs = DEFAULT_RECIPE["epochs"]
+    pace = "" if not seconds_per_epoch else f", about {seconds_per_epoch * epochs / 60:.0f} min of training at this run's pace"
+    return (f"quick preset: {config.epochs} epochs of the default recipe; for the full recipe run "
+            f"`python -m trainer.task{dataset}` ({epochs} epochs{pace})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and training (unset values come from --preset)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="default",
                        help="seed: the seed notebook's exact recipe; default: this project's recipe (README, "
-                            "Results); each flag below shows both values")
+                            f"Results); quick: the default recipe over {QUICK_EPOCHS} epochs (what `make train` "
+                            "runs); each flag below shows the values")
 
     def recipe_flag(flag: str, help_text: str, **kwargs):
         key = flag[2:].replace("-", "_")

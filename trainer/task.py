@@ -74,7 +74,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "rewritten: pass a larger --epochs to train on, or --no-resume to start again")
                 return 0
             from trainer.train import train_and_evaluate
-            train_and_evaluate(config, environ=os.environ)
+            metrics = train_and_evaluate(config, environ=os.environ)
+            if config.preset == "quick":
+                from trainer.config import full_recipe_hint
+
+                trained = metrics["epochs_completed"] - metrics["initial_epoch"]
+                print(full_recipe_hint(config, metrics["train_seconds"] / trained if trained else None))
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
