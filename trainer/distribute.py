@@ -90,8 +90,15 @@ def cluster_config(environ: Mapping[str, str]) -> Optional[dict]:
         task = spec.get("task", {})
         spec = {"cluster": cluster, "task": {"type": VERTEX_POOLS.get(task.get("type"), task.get("type")),
                                              "index": int(task.get("index", 0))}}
-    tasks = sum(len(hosts) for kind, hosts in spec.get("cluster", {}).items() if kind in ("chief", "master", "worker"))
-    return spec if tasks > 1 else None
+    return spec if len(training_tasks(spec)) > 1 else None
+
+
+def training_tasks(tf_config: dict) -> List[tuple]:
+    """(kind, index, address) of every task that trains (chief, master, worker), the replicas of a
+    MultiWorkerMirroredStrategy; ps and evaluator tasks do not."""
+    cluster = tf_config.get("cluster", {})
+    return [(kind, index, address) for kind in ("chief", "master", "worker")
+            for index, address in enumerate(cluster.get(kind, []))]
 
 
 def chief_of(tf_config: dict) -> tuple:
@@ -152,8 +159,7 @@ def cluster_peers(tf_config: dict) -> List[tuple]:
     """(name, address) of every other training task (chief, master, worker), e.g. ('worker 1', 'host:2222')."""
     task = tf_config.get("task", {})
     own = (task.get("type"), int(task.get("index", 0)))
-    return [(f"{kind} {index}", address) for kind in ("chief", "master", "worker")
-            for index, address in enumerate(tf_config.get("cluster", {}).get(kind, [])) if (kind, index) != own]
+    return [(f"{kind} {index}", address) for kind, index, address in training_tasks(tf_config) if (kind, index) != own]
 
 
 def _listening(address: str, timeout: float = 1.0) -> bool:
@@ -296,8 +302,7 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
 
         wait_for_peers(tf_config, cluster_wait, log, RunSignals.current)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
-        workers = sum(len(tf_config["cluster"].get(kind, [])) for kind in ("chief", "master", "worker"))
-        return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, workers)
+        return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, len(training_tasks(tf_config)))
     if name == "tpu":
         return Resolved(_connect_tpu(attached_tpu(environ, tpu) or "local"), "tpu")
     raise ValueError(f"unknown strategy {name!r}")
