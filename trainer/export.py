@@ -137,7 +137,9 @@ def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
         archive.track(model)
         archive.add_endpoint(name="serving_default", fn=serving_function(model), input_signature=serving_signature())
         archive.write_out(staged, verbose=False)
-        model.save(os.path.join(staged, KERAS_FILE))
+        from trainer.model import stock_model
+
+        stock_model(model).save(os.path.join(staged, KERAS_FILE))
         with open(os.path.join(staged, CLASS_NAMES_FILE), "w") as out:
             json.dump(list(class_names), out)
         _readable(staged, directory=True)

@@ -92,6 +92,72 @@ def batch_norm_momentum(steps_per_epoch: int) -> float:
     return max(0.5, min(0.9, 1.0 - 8.0 / max(steps_per_epoch, 1)))
 
 
+_FUSED_BATCH_NORM = None
+
+
+def fused_batch_norm_layer():
+    """keras.layers.BatchNormalization whose training step runs TensorFlow's fused kernel.
+
+    Keras 3 normalises with moments and a chain of element-wise ops, each a pass over the activations
+    and each differentiated on its own; TensorFlow's FusedBatchNormV3 does the forward pass and the
+    gradient in one kernel each (XLA compiles it too). On the 2-core development CPU the default network's
+    training step ran 1.45x faster with it (README, Results). Same variables, same moving-average update
+    (biased batch variance, as Keras keeps it), and inference is the stock layer's code, so checkpoints of
+    either layer restore into the other; export saves stock layers (`stock_model`).
+    """
+    global _FUSED_BATCH_NORM
+    if _FUSED_BATCH_NORM is not None:
+        return _FUSED_BATCH_NORM
+    import keras
+    import tensorflow as tf
+
+    class FusedBatchNormalization(keras.layers.BatchNormalization):
+        def call(self, inputs, training=None, mask=None):
+            rank = len(inputs.shape)
+            if (not (training and self.trainable) or mask is not None or self.renorm or self.synchronized
+                    or rank not in (2, 4) or self.axis not in (-1, rank - 1)):
+                return super().call(inputs, training=training, mask=mask)
+            x = tf.cast(inputs, tf.float32)  # as the stock layer: statistics in float32 whatever the policy
+            if rank == 2:
+                x = x[:, tf.newaxis, tf.newaxis, :]
+            channels = x.shape[-1]
+            gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
+            beta = self.beta if self.center else tf.zeros([channels], tf.float32)
+            y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+                x, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32), epsilon=self.epsilon, is_training=True)
+            # The kernel returns the Bessel-corrected variance for the moving average; Keras keeps the biased one.
+            count = tf.cast(tf.size(x) // channels, tf.float32)
+            variance = variance * (count - 1.0) / tf.maximum(count, 1.0)
+            mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+            self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+            self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+            if rank == 2:
+                y = y[:, 0, 0, :]
+            return tf.cast(y, self.compute_dtype)
+
+    _FUSED_BATCH_NORM = FusedBatchNormalization
+    return FusedBatchNormalization
+
+
+def stock_model(model):
+    """The same network and weights with stock Keras layers only (what model.keras holds, so that
+    `keras.saving.load_model` needs nothing from this package)."""
+    import keras
+
+    fused = fused_batch_norm_layer()
+    if not any(isinstance(layer, fused) for layer in model.layers):
+        return model
+
+    def clone(layer):
+        if isinstance(layer, fused):
+            return keras.layers.BatchNormalization.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def build_model(config, bn_momentum: float = 0.9):
     """A Keras Functional model; the output layer computes in float32 whatever the policy.
 
@@ -103,6 +169,7 @@ def build_model(config, bn_momentum: float = 0.9):
     import keras
 
     check_fits(config)  # a clear error before Keras reports a negative dimension
+    batch_norm = fused_batch_norm_layer() if config.batch_norm else None
     inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
     x = inputs
     for block, filters in enumerate(config.filters, start=1):
@@ -110,7 +177,7 @@ def build_model(config, bn_momentum: float = 0.9):
             name = f"conv{block}" if config.convs_per_block == 1 else f"conv{block}_{conv}"
             if config.batch_norm:
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, use_bias=False, name=name)(x)
-                x = keras.layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
+                x = batch_norm(momentum=bn_momentum, name=f"{name}_bn")(x)
                 x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
             else:
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, activation="relu", name=name)(x)
@@ -118,7 +185,7 @@ def build_model(config, bn_momentum: float = 0.9):
     x = keras.layers.Flatten(name="flatten")(x)
     if config.batch_norm:
         x = keras.layers.Dense(config.dense_units, use_bias=False, name="dense")(x)
-        x = keras.layers.BatchNormalization(momentum=bn_momentum, name="dense_bn")(x)
+        x = batch_norm(momentum=bn_momentum, name="dense_bn")(x)
         x = keras.layers.Activation("relu", name="dense_relu")(x)
     else:
         x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
