@@ -58,9 +58,10 @@ def _bool(text: str) -> bool:
 # notebook's value, and this project's default.
 # seed: the notebook exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
 # default: chosen by measurement on full Fashion-MNIST (README, Results): two 3x3 same-padded convs per
-# block with narrower filters (a third of the seed model's speed on a CPU, where the 32,64 pair with two
-# convs per block ran at a seventh), batch norm, cosine decay from 2e-3, random shifts; 15 epochs reach
-# 0.9334 test accuracy in about 410 s of training on the 2-core development machine.
+# block with narrower filters (the 32,64 pair with two convs per block ran at a seventh of the seed
+# model's speed on a CPU), batch norm, cosine decay from 2e-3, random shifts from the third epoch on
+# (the first two epochs on plain images reach 90% test accuracy in 1.4 epochs instead of 2.5, and the
+# final accuracy did not drop: 0.9356 against 0.9347 with shifts throughout).
 RECIPE = {
     #                  parser               seed         default
     "filters":         (_positive_int_list, (32, 64),    (16, 32)),
@@ -75,6 +76,7 @@ RECIPE = {
     "lr_schedule":     (str,                "constant",  "cosine"),
     "warmup_epochs":   (float,              0.0,         0.0),
     "augment":         (str,                "none",      "shift"),
+    "unaugmented_epochs": (int,             0,           2),
 }
 SEED_RECIPE = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE = {key: default for key, (_, _, default) in RECIPE.items()}
@@ -145,6 +147,7 @@ class Config:
     lr_schedule: str = None
     warmup_epochs: float = None
     augment: str = None
+    unaugmented_epochs: int = None
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -184,6 +187,10 @@ class Config:
     def idx_dir(self) -> str:
         return self.dataset[len("idx:"):]
 
+    def augment_at(self, epoch: int) -> str:
+        """The augmentation of the 0-based `epoch`: none during the first `unaugmented_epochs`."""
+        return self.augment if epoch >= self.unaugmented_epochs else "none"
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["filters"] = list(self.filters)
@@ -219,6 +226,8 @@ def validate(config: Config) -> None:
     require(0.0 <= config.warmup_epochs < config.epochs,
             f"--warmup-epochs must be in [0, epochs), got {config.warmup_epochs}")
     require(config.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}")
+    require(0 <= config.unaugmented_epochs <= MAX_EPOCHS,
+            f"--unaugmented-epochs must be in [0, {MAX_EPOCHS:,}], got {config.unaugmented_epochs}")
     require(0.0 < config.validation_fraction < 1.0,
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
@@ -381,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_flag("--warmup-epochs", "epochs of linear learning-rate warm-up from a tenth of the rate", type=float)
     recipe_flag("--augment", "training-time augmentation: random shifts of up to 2 pixels (and horizontal flips: "
                 "fine for clothing, wrong for digits)", choices=AUGMENTATIONS)
+    recipe_flag("--unaugmented-epochs", "the first N epochs train on the images as they are; --augment applies from "
+                "epoch N+1 on (plain images are learnt faster, augmented ones generalise better)", type=int)
     model.add_argument("--seed", type=int, default=42, help="seeds weights, shuffling, dropout and the split")
 
     out = parser.add_argument_group("outputs (local paths or gs://; AIP_* variables are the defaults on Vertex AI)")

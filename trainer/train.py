@@ -161,7 +161,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             first = initial_step if epoch == initial_epoch else 0
             iterator = iter(resolved.strategy.distribute_datasets_from_function(
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
-                    train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment)))
+                    train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment_at(epoch))))
             observers.on_epoch_begin(epoch)
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
                                          config.batch_size, observers, stop)
