@@ -144,6 +144,12 @@ def plot(curves_per_round, rounds, machine, path):
     pyplot.close(figure)
 
 
+def median_round(rounds, numerator, denominator):
+    """' (median round 1.23x)': the median of the per-round ratios, beside the table's ratio of medians."""
+    ratios = [r[numerator] / r[denominator] for r in rounds if r[numerator] and r[denominator]]
+    return f" (median round {statistics.median(ratios):.2f}x)" if ratios else ""
+
+
 def table(medians, rounds, checks):
     m = medians
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
@@ -154,7 +160,7 @@ def table(medians, rounds, checks):
          f"{ratio(m['baseline_to90'], m['default_to90'])} sooner)" if m["default_to90"] else "not reached"),
         ("Test accuracy after each recipe's own epochs",
          f"{m['baseline_accuracy']:.4f} ({SEED_EPOCHS} epochs, {m['baseline_train_seconds']:.0f} s training)",
-         f"{m['default_accuracy']:.4f} with the default recipe ({m['default_epochs']:.0f} epochs, "
+         f"{m['default_accuracy']:.4f} with the default recipe ({m['default_epochs']:.0f} epochs, seed {SEED}, "
          f"{m['default_train_seconds']:.0f} s training)"),
     ]
     rows = [
@@ -189,7 +195,11 @@ def table(medians, rounds, checks):
         lines += [f"- time to 90%: seed notebook {each(seconds('baseline_to90'))} "
                   f"(epochs {each(lambda r: format(r['baseline_to90_epochs'] or 0, '.2f'))}); default recipe "
                   f"{each(seconds('default_to90'))} (epochs {each(lambda r: format(r['default_to90_epochs'] or 0, '.2f'))}); "
-                  f"seed notebook over default {each(lambda r: ratio(r['baseline_to90'], r['default_to90']))}"]
+                  f"seed notebook over default {each(lambda r: ratio(r['baseline_to90'], r['default_to90']))}"
+                  f"{median_round(rounds, 'baseline_to90', 'default_to90')}",
+                  f"- default recipe after its {rounds[0]['default_epochs']} epochs: test accuracy "
+                  f"{each(lambda r: format(r['default_accuracy'], '.4f'))}, training "
+                  f"{each(lambda r: format(r['default_train_seconds'], '.0f') + ' s')}"]
     return "\n".join(lines)
 
 
