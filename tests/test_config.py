@@ -49,7 +49,7 @@ def test_seed_preset_is_the_seed_notebook_recipe():
 
 def test_quick_preset_is_the_default_recipe_over_fewer_epochs():
     quick, default = parse(["--preset", "quick", "--job-dir", "/tmp/x"]), parse(["--job-dir", "/tmp/x"])
-    assert default.epochs == 15 and 1 <= quick.epochs < default.epochs
+    assert default.epochs == 20 and 1 <= quick.epochs < default.epochs
     # every other recipe setting equal, so a quick run's checkpoint resumes under --preset default
     assert {key: getattr(quick, key) for key in RESUME_KEYS} == {key: getattr(default, key) for key in RESUME_KEYS}
     assert quick.lr_schedule == "cosine"  # decaying over the quick run's own epochs
@@ -59,9 +59,9 @@ def test_quick_run_ends_naming_the_full_recipe():
     config = parse(["--preset", "quick", "--dataset", "idx:/data/fashion", "--job-dir", "/tmp/x"])
     assert full_recipe_hint(config, 24.0) == (
         "quick preset: 3 epochs of the default recipe; for the full recipe run `python -m trainer.task --dataset "
-        "idx:/data/fashion` (15 epochs, about 6 min of training at this run's pace)")
+        "idx:/data/fashion` (20 epochs, about 8 min of training at this run's pace)")
     assert full_recipe_hint(parse(["--preset", "quick", "--job-dir", "/tmp/x"]), None).endswith(
-        "run `python -m trainer.task` (15 epochs)")
+        "run `python -m trainer.task` (20 epochs)")
 
 
 def test_explicit_flags_beat_the_preset():
@@ -191,6 +191,6 @@ def test_recipe_flags_say_their_values_come_from_the_preset():
     from trainer.config import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "--epochs EPOCHS passes over the training split (from --preset: default 15, quick 3, seed 10)" in text
+    assert "--epochs EPOCHS passes over the training split (from --preset: default 20, quick 3, seed 10)" in text
     assert "--batch-norm, --no-batch-norm batch normalisation after each conv and the dense layer (from --preset: " \
            "default on, seed off)" in text
