@@ -259,7 +259,9 @@ def test_multi_worker_job_survives_a_killed_worker_and_the_chief_fills_the_aip_f
     try:
         wait_for_line(log, "[workerpool1-1] epoch 1/2", runner)
         os.kill(int(replica_pids(open(log).read())["workerpool1-1"]), signal.SIGKILL)
-        assert runner.wait(timeout=300) == 0, open(log).read()[-4000:]
+        # On failure: every line of the runner's own (what failed first, and when), then the replicas' last lines.
+        assert runner.wait(timeout=300) == 0, "\n".join(
+            [line for line in open(log).read().splitlines() if line.startswith("local job:")] + [open(log).read()[-3000:]])
     finally:
         runner.kill()
     output = open(log).read()
