@@ -101,7 +101,7 @@ def fused_batch_norm_layer():
     Keras 3 normalises with moments and a chain of element-wise ops, each a pass over the activations
     and each differentiated on its own; TensorFlow's FusedBatchNormV3 does the forward pass and the
     gradient in one kernel each (XLA compiles it too). On the 2-core development CPU the default network's
-    training step ran 1.45x faster with it (README, Results). Same variables, same moving-average update
+    training step ran about 1.5x faster with it (README, Results). Same variables, same moving-average update
     (biased batch variance, as Keras keeps it), and inference is the stock layer's code, so checkpoints of
     either layer restore into the other; export saves stock layers (`stock_model`).
     """
