@@ -48,7 +48,7 @@ def test_profile_steps_write_a_tensorboard_profile(digits_idx, tmp_path):
 
 @pytest.mark.parametrize("shape", [(32, 7, 7, 8), (32, 16)])
 def test_fused_batch_norm_trains_like_keras_batch_norm(shape):
-    """The default network's batch norm runs TensorFlow's fused kernel in training (1.45x faster steps on
+    """The default network's batch norm runs TensorFlow's fused kernel in training (about 1.5x faster steps on
     a 2-core CPU); outputs, gradients and moving statistics must be the stock Keras layer's."""
     import keras
     import numpy as np
