@@ -202,6 +202,31 @@ def test_idx_cache_follows_the_bucket_changed_and_deleted_objects(gcs, bucket, d
         data.load_idx_folder(url)
 
 
+def test_an_object_deleted_between_listing_and_download_is_skipped(gcs, bucket, tmp_path, monkeypatch):
+    """A worker resuming from gs:// checkpoints lists the folder while a peer's write probe
+    (.write-test-*) is there for a moment; its download must not fail the run (it once failed a
+    multi-worker job: 'download of .../.write-test-...: not found'). The deletion is made to land
+    between the listing and the download, against the real server."""
+    from trainer import storage
+
+    for name in ("ckpt-1.index", ".write-test-0123"):
+        bucket.blob(f"racing/checkpoints/{name}").upload_from_string(b"data " + name.encode())
+    local = tmp_path / "restore"
+    local.mkdir()
+    (local / ".write-test-0123").write_bytes(b"an older copy")
+    listed = storage.list_objects
+
+    def list_then_peer_deletes(url):
+        objects = listed(url)
+        bucket.blob("racing/checkpoints/.write-test-0123").delete()
+        return objects
+
+    monkeypatch.setattr(storage, "list_objects", list_then_peer_deletes)
+    assert storage.download_dir("gs://mnist-runs/racing/checkpoints/", str(local), mirror=True) == 1
+    assert sorted(os.listdir(local)) == ["ckpt-1.index"], "the vanished object is neither fetched nor kept"
+    assert (local / "ckpt-1.index").read_bytes() == b"data ckpt-1.index"
+
+
 def test_leftover_partial_uploads_are_removed_by_the_next_publish(gcs, bucket, tmp_path):
     from trainer import storage
 

@@ -217,17 +217,27 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
 def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
     """Copy every object under a gs:// folder into local_dir, skipping files already equal (crc32c);
     with `mirror`, local files the bucket no longer holds are removed. Returns the object count."""
+    from google.api_core import exceptions
+
     objects = list_objects(url)
-    for name, blob in objects.items():
+    for name, blob in list(objects.items()):
         if any(part in ("", ".", "..") for part in name.split("/")):
-            raise TrainerError(f"{url}/{name}: an object name that would leave the download folder")
+            raise TrainerError(f"{url.rstrip('/')}/{name}: an object name that would leave the download folder")
         path = os.path.join(local_dir, *name.split("/"))
         if os.path.isfile(path) and os.path.getsize(path) == blob.size and _crc32c(path) == blob.crc32c:
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.partial-{os.getpid()}"
-        call(lambda: blob.download_to_filename(partial, checksum="crc32c", retry=None, timeout=TIMEOUT),
-             f"download of {url}/{name}")
+        try:
+            call(lambda: blob.download_to_filename(partial, checksum="crc32c", retry=None, timeout=TIMEOUT),
+                 f"download of {url.rstrip('/')}/{name}", passthrough=(exceptions.NotFound,))
+        except exceptions.NotFound:
+            # Deleted after the listing (another process's write probe, or a checkpoint its writer just
+            # rotated out): the folder no longer holds it, so neither does the copy.
+            if os.path.exists(partial):
+                os.remove(partial)
+            del objects[name]
+            continue
         os.replace(partial, path)
     if mirror:
         for name in set(_local_files(local_dir)) - set(objects):
