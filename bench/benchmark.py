@@ -15,8 +15,8 @@ results.json, results.md and accuracy_vs_time.png to --out.
   2. whole-process wall time of the same 2-epoch job, start to saved model;
   3. training time until the test accuracy first reaches 90% (both sides checked --checks-per-epoch
      times an epoch, 10 by default, the checks' time excluded): the seed notebook vs the default recipe;
-     both then train on (the seed notebook to its 10 epochs, the default recipe to its 15), checked once
-     an epoch: the accuracy-against-training-time curves of accuracy_vs_time.png;
+     both then train on (the seed notebook to its 10 epochs, the default recipe to its own default
+     epochs), checked once an epoch: the accuracy-against-training-time curves of accuracy_vs_time.png;
   4. test accuracy of the default recipe after its default epochs;
   5. peak resident memory of each process (the 2-epoch jobs), and the time of `trainer.task --help`.
 """
@@ -36,7 +36,7 @@ FASHION = "idx:/usr/share/datasets/fashion-mnist"
 
 
 SEED = 42  # the trainer's default --seed, given to the seed notebook's side too
-SEED_EPOCHS = 10  # the seed notebook's own epochs: the length of its curve (the default recipe runs its own 15)
+SEED_EPOCHS = 10  # the seed notebook's own epochs: the length of its curve (the default recipe runs its own)
 
 
 def measured(command, env=None, output=None):
