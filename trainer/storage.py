@@ -216,7 +216,8 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
 
 def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
     """Copy every object under a gs:// folder into local_dir, skipping files already equal (crc32c);
-    with `mirror`, local files the bucket no longer holds are removed. Returns the object count."""
+    with `mirror`, local files the bucket no longer holds are removed. Returns the count of objects
+    copied or already equal (one deleted between the listing and its download is not counted)."""
     from google.api_core import exceptions
 
     objects = list_objects(url)
