@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
-from trainer import export
+from trainer import atomic, model_folder
 from trainer.config import RESUME_KEYS, Config
 from trainer.errors import TrainerError, writing
 
-# 2: augmentation moved from model layers into the input pipeline (older checkpoints of augmented models
-# hold layers the model no longer has).
+# 2: the model holds no augmentation layers (augmentation runs in the input pipeline); a format-1
+# checkpoint of an augmented model holds layers this model lacks.
 CHECKPOINT_FORMAT = 2
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
@@ -57,7 +57,6 @@ def finished_run(config: Config) -> dict:
     --epochs (history.json), made with the same settings, metrics.json of that many epochs, and an exported
     model. Empty when anything is missing, so the run goes on (and redoes what is missing). Reads only, and
     needs no TensorFlow: a finished run is reported in the time it takes to read three small files."""
-    from trainer import storage
     from trainer.config import join_path
 
     if not config.resume:
@@ -73,11 +72,7 @@ def finished_run(config: Config) -> dict:
     if not (isinstance(metrics, dict) and metrics.get("epochs_completed") == config.epochs and
             all((metrics.get("config") or {}).get(key) == wanted[key] for key in RESUME_KEYS)):
         return {}
-    if storage.is_gcs(config.model_dir):
-        exported = storage.SUCCESS_MARKER in storage.list_objects(config.model_dir)
-    else:
-        exported = os.path.isfile(os.path.join(config.model_dir, "saved_model.pb"))
-    return metrics if exported else {}
+    return metrics if model_folder.is_complete(config.model_dir) else {}
 
 
 class Checkpoints:
@@ -87,7 +82,7 @@ class Checkpoints:
     def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int):
         self.config, self.outputs, self.checkpoint = config, outputs, checkpoint
         self.steps_per_epoch = steps_per_epoch
-        self.manager = None
+        self._manager: Optional[Any] = None  # a tf.train.CheckpointManager once restore() has run
 
     def restore(self) -> List[dict]:
         """Resume from the latest checkpoint when allowed and return the history up to it; refuse one made
@@ -106,10 +101,11 @@ class Checkpoints:
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
             with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot write {RUN_CONFIG_FILE}"):
-                export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
+                atomic.write_json(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
                                          dict(resume_settings(self.config), checkpoint_format=CHECKPOINT_FORMAT))
             self.outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir, max_to_keep=MAX_TO_KEEP)
+        self._manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir,
+                                                   max_to_keep=MAX_TO_KEEP)
         return history
 
     def _refuse_other_settings(self, saved: dict) -> None:
@@ -136,9 +132,15 @@ class Checkpoints:
         return int(self.checkpoint.epoch.numpy()), int(self.checkpoint.step.numpy())
 
     @property
-    def latest(self) -> str:
+    def manager(self):
+        if self._manager is None:
+            raise RuntimeError("Checkpoints.restore() must run before a checkpoint is saved")
+        return self._manager
+
+    @property
+    def latest(self) -> Optional[str]:
         """The latest checkpoint as the user knows it (its gs:// path when the folder is staged), or None."""
-        return self._shown(self.manager.latest_checkpoint) if self.manager else None
+        return self._shown(self._manager.latest_checkpoint) if self._manager else None
 
     def _shown(self, path):
         staged = self.outputs.checkpoint_dir
@@ -164,5 +166,5 @@ class Checkpoints:
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}",
                      f"the last saved one is kept: {self.latest or 'none yet'}"):
             self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)
-            export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
+            atomic.write_json(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
         self.outputs.sync_checkpoints()

@@ -16,8 +16,9 @@ import os
 import re
 import socket
 import time
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
+from trainer.config import Config
 from trainer.errors import Interrupted, TrainerError
 
 # Vertex AI worker pools, in CLUSTER_SPEC order, as TF_CONFIG task types.
@@ -47,7 +48,7 @@ def configure_host(cpu_devices: int = 0, intra_op_threads: int = 0, inter_op_thr
     import tensorflow as tf
 
     threading = tf.config.threading
-    # Measured on a 2-core CPU (README): one inter-op thread and every core inside each op beat
+    # Measured on a 2-core CPU: one inter-op thread and every core inside each op beat
     # TensorFlow's own choice by about 5% for this model; with GPUs TensorFlow keeps its choice.
     cpu_only = not tf.config.list_physical_devices("GPU")
     wanted = [(intra_op_threads or (os.cpu_count() or 1 if cpu_only else 0), bool(intra_op_threads),
@@ -200,12 +201,12 @@ def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None
     its peers' ports from Python. A stop signal during the wait gives the peers SIGNAL_GRACE_SECONDS more
     to appear (the training loop's first vote then stops everyone together); then this task stops alone.
     """
-    task = tf_config.get("task", {})
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
     try:
-        own = tf_config["cluster"][task.get("type")][int(task.get("index", 0))]
+        own = cluster[task.get("type")][int(task.get("index", 0))]
     except (KeyError, IndexError, TypeError, ValueError):
         raise TrainerError(f"TF_CONFIG: this task ({task.get('type')} {task.get('index', 0)}) is not in its "
-                           f"cluster ({', '.join(f'{kind} x{len(hosts)}' for kind, hosts in tf_config['cluster'].items())})"
+                           f"cluster ({', '.join(f'{kind} x{len(hosts)}' for kind, hosts in cluster.items())})"
                            ) from None
     peers = cluster_peers(tf_config)
     started = time.monotonic()
@@ -308,6 +309,18 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
     raise ValueError(f"unknown strategy {name!r}")
 
 
+def set_up(config: Config, environ: Mapping[str, str], log=print) -> Resolved:
+    """The host's devices and thread pools as the config asks, then the strategy it names."""
+    configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
+    return resolve_strategy(config.strategy, environ, config.tpu, config.cluster_wait, log)
+
+
+def precision_and_compilation(config: Config, resolved: Resolved) -> Tuple[str, Optional[bool]]:
+    """The Keras dtype policy and the step functions' `jit_compile` for this config on this strategy."""
+    return (mixed_precision_policy(config.mixed_precision, resolved),
+            jit_compile_setting(config.jit_compile, resolved))
+
+
 def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
     """The Keras dtype policy: bf16 on TPU, fp16 on GPU, float32 on CPU unless asked otherwise."""
     if setting == "bf16":
@@ -325,8 +338,8 @@ def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
 
 def jit_compile_setting(setting: str, resolved: Resolved) -> Optional[bool]:
     """`jit_compile` for the train and predict functions: None on a TPU (every TPU step is XLA already),
-    else on for `on`, and for `auto` on a GPU only: on this project's 2-core CPU the XLA-compiled step
-    was slower (README, TPU and XLA). Several CPU replicas (MirroredStrategy over logical CPU devices, or
+    else on for `on`, and for `auto` on a GPU only: on a 2-core CPU the XLA-compiled step was slower
+    (docs/tpu.md). Several CPU replicas (MirroredStrategy over logical CPU devices, or
     CPU workers) cannot run the compiled step in TensorFlow 2.21, so `on` there is refused."""
     import tensorflow as tf
 

@@ -3,9 +3,10 @@
 The loop calls, in this order: `on_train_begin(model, initial_epoch)`; per epoch `on_epoch_begin(epoch)`,
 then per multi-step call `clip_chunk` / `on_chunk_begin(global_step)` / `on_chunk_end(global_step)` /
 `on_batch_metrics(global_step, loss, accuracy)` (the call's own means, once its loss is known to be
-finite) / `on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)` (the epoch's mean so far), then `on_steps_end(epoch)` when the
-epoch's steps are over (complete or stopped), and `on_epoch_end(epoch, row, timing)` once the epoch is
-evaluated and saved; `on_train_end()` after the last epoch. Epochs are 0-based here, as in Keras.
+finite) / `on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)` (the epoch's mean so far), then
+`on_steps_end(epoch)` when the epoch's steps are over (complete or stopped), and
+`on_epoch_end(epoch, row, timing)` once the epoch is evaluated and saved; `on_train_end()` after the last
+epoch. Epochs are 0-based here, as in Keras.
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def _fan_out(name: str):
     return call
 
 
-for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_batch_metrics", "on_train_steps",
-              "on_steps_end", "on_epoch_end", "on_train_end"):
+for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_batch_metrics",
+              "on_train_steps", "on_steps_end", "on_epoch_end", "on_train_end"):
     setattr(Observers, _name, _fan_out(_name))
 
 
@@ -203,7 +204,8 @@ class KerasCallbacks(Observer):
 
     def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
         for callback in self.callbacks:
-            callback.on_train_batch_end(steps_done - 1, logs=dict(steps_done=steps_done, steps_per_epoch=steps_per_epoch))
+            logs = dict(steps_done=steps_done, steps_per_epoch=steps_per_epoch)
+            callback.on_train_batch_end(steps_done - 1, logs=logs)
 
     def on_epoch_end(self, epoch, row, timing):
         for callback in self.callbacks:
@@ -242,3 +244,12 @@ class Profiler(Observer):
 
     def on_train_end(self):
         self.on_chunk_end(float("inf"))  # END beyond the last step: stop with the training
+
+
+def for_run(config, log_dir: str, sync_logs, learning_rate_at, log, extra: Iterable[Observer] = ()):
+    """A run's observers, in the order they are told: TensorBoard summaries, the console, hypertune when
+    asked, the profiler, then `extra` (Keras callbacks, a tuner's). Returns (summaries, all of them)."""
+    summaries = Summaries(log_dir, config.to_dict(), sync_logs, learning_rate_at)
+    observers = Observers([summaries, Console(config.epochs, log), *([Hypertune()] if config.hypertune else []),
+                           Profiler(config.profile_steps, log_dir), *extra])
+    return summaries, observers

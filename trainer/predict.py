@@ -31,17 +31,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import re
 import sys
-import tempfile
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from trainer.errors import TrainerError, require_tensorflow
-from trainer.export import CLASS_NAMES_FILE
+from trainer.images import IMAGE_SIZE
+from trainer.model_folder import check_model_files, fault, load_serving, local_model_dir, read_class_names
 
 WORK_SIDE = 512  # photos are reduced to this many pixels a side at most before the ink is looked for
 # Pillow's own limit, here applied to the pixels decoded (a JPEG decodes at down to 1/8 scale, so a 200-megapixel
@@ -124,7 +122,7 @@ def _block_mean(plane: np.ndarray, side: int) -> np.ndarray:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if size == (width, height):
         return plane
-    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize(size, Image.BOX), dtype=np.float32)
+    return np.asarray(Image.fromarray(plane.astype(np.float32)).resize(size, Image.Resampling.BOX), dtype=np.float32)
 
 
 def _quadratic_terms(y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -184,7 +182,11 @@ def background(plane: np.ndarray, dark_ink: bool = True) -> np.ndarray:
 def _box3(plane: np.ndarray) -> np.ndarray:
     padded = np.pad(plane, 1, mode="edge")
     height, width = plane.shape
-    return sum(padded[r:r + height, c:c + width] for r in range(3) for c in range(3)) / 9.0
+    total = np.zeros_like(plane)
+    for r in range(3):
+        for c in range(3):
+            total += padded[r:r + height, c:c + width]
+    return total / 9.0
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -230,7 +232,7 @@ def _components(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         line = np.concatenate([[False], mask[row], [False]])
         changes = np.flatnonzero(line[1:] != line[:-1])
         runs = []
-        for start, end in zip(changes[::2], changes[1::2]):
+        for start, end in zip(changes[::2], changes[1::2], strict=False):
             touching = [find(label) for s, e, label in previous if s <= end and e >= start]
             if touching:
                 label = min(touching)
@@ -290,21 +292,21 @@ def centre_like_mnist(strength: np.ndarray) -> np.ndarray:
     crop = gray[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     scale = 20.0 / max(crop.shape)
     height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
-    resized = np.asarray(Image.fromarray(crop).resize((width, height), Image.LANCZOS), dtype=np.float32)
+    resized = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
     resized = np.clip(resized, 0, 255)
     total = resized.sum()
     if total == 0:
         raise NoInk("no ink found: the image is blank or a single colour")
     centre_row = (resized.sum(axis=1) * np.arange(height)).sum() / total
     centre_col = (resized.sum(axis=0) * np.arange(width)).sum() / total
-    top = int(round(14 - centre_row))
-    left = int(round(14 - centre_col))
-    canvas = np.zeros((28, 28), dtype=np.float32)
+    top = int(round(IMAGE_SIZE / 2 - centre_row))
+    left = int(round(IMAGE_SIZE / 2 - centre_col))
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     # Paste with clipping, in case the centre of mass pushes part of the box off the canvas.
     src_top, src_left = max(0, -top), max(0, -left)
     dst_top, dst_left = max(0, top), max(0, left)
-    rows_n = min(height - src_top, 28 - dst_top)
-    cols_n = min(width - src_left, 28 - dst_left)
+    rows_n = min(height - src_top, IMAGE_SIZE - dst_top)
+    cols_n = min(width - src_left, IMAGE_SIZE - dst_left)
     canvas[dst_top:dst_top + rows_n, dst_left:dst_left + cols_n] = \
         resized[src_top:src_top + rows_n, src_left:src_left + cols_n]
     return np.round(canvas * (255.0 / canvas.max())).astype(np.uint8)
@@ -374,222 +376,13 @@ def load_image(path: str) -> np.ndarray:
         raise TrainerError(f"{path}: not a readable image ({type(error).__name__}: {error})") from None
 
 
-# ------------------------------------------------------------------------------------ the model
-#
-# A model folder is checked before TensorFlow loads it, so that whatever is wrong is one line naming the file:
-# the files every export writes (present, files, not empty) and class_names.json without TensorFlow; then
-# saved_model.pb's parse and signature, and every variable read back from variables/; only then
-# tf.saved_model.load (whose own errors are many types with many lines, some naming no file).
-
-NUM_CLASSES = 10
-SIGNATURE = "serving_default"
-TAKES = ["image uint8 [?,28,28]"]
-RETURNS = ["classes int64 [?]", f"probabilities float32 [?,{NUM_CLASSES}]"]
-INDEX_FILE = "variables/variables.index"
-_DATA_FILE = re.compile(r"^variables\.data-\d{5}-of-(\d{5})$")
-def _fault(shown: str, problem: str) -> TrainerError:
-    return TrainerError(f"--model-dir {shown}: {problem}")
-
-
-def local_model_dir(model_dir: str) -> str:
-    """A folder with the SavedModel on this machine: gs:// is copied into the cache once it is complete."""
-    from trainer import storage
-
-    if storage.is_gcs(model_dir):
-        url = model_dir.rstrip("/")
-        before = _success_generation(url)
-        if before is None:
-            raise TrainerError(f"--model-dir {url}: no {storage.SUCCESS_MARKER} object there, so no complete model "
-                               f"(a run writes it last, once the whole model is uploaded)")
-        try:
-            model_dir = storage.cached_copy(url)
-        except TrainerError as error:
-            raise TrainerError(f"--model-dir {url}: {error}") from None
-        except Exception as error:  # connection refused, DNS failure...
-            raise TrainerError(f"--model-dir {url}: cannot download it ({type(error).__name__})") from None
-        if _success_generation(url) != before:
-            raise TrainerError(f"--model-dir {url}: the model was replaced while it was being downloaded; run again")
-    return model_dir
-
-
-def _success_generation(url: str) -> Optional[int]:
-    from trainer import storage
-
-    try:
-        marker = storage.list_objects(url).get(storage.SUCCESS_MARKER)
-    except TrainerError as error:
-        raise TrainerError(f"--model-dir {url}: {error}") from None
-    except Exception as error:
-        raise TrainerError(f"--model-dir {url}: cannot reach Cloud Storage ({type(error).__name__})") from None
-    return None if marker is None else int(marker.generation or 0)
-
-
-def data_files(local: str) -> List[str]:
-    """The variables' data shards the folder should have (`variables/variables.data-0000i-of-0000N`)."""
-    folder = os.path.join(local, "variables")
-    counts = [int(match.group(1)) for match in map(_DATA_FILE.match, os.listdir(folder)) if match]
-    shards = max(counts, default=1)
-    return [f"variables/variables.data-{shard:05d}-of-{shards:05d}" for shard in range(shards)]
-
-
-def _require_file(local: str, name: str, shown: str) -> None:
-    path = os.path.join(local, name)
-    if not os.path.exists(path):
-        raise _fault(shown, f"{name} is missing, so the model is incomplete")
-    if not os.path.isfile(path):
-        raise _fault(shown, f"{name} is a folder, not a file")
-    if os.path.getsize(path) == 0:
-        raise _fault(shown, f"{name} is empty (0 bytes), so the model is incomplete")
-
-
-def check_model_files(local: str, shown: str) -> None:
-    """The files of an exported model are there, files and not empty (no TensorFlow needed for this)."""
-    if not os.path.exists(local):
-        raise _fault(shown, "no such folder")
-    if not os.path.isdir(local):
-        raise _fault(shown, "a file, not a folder (point it at a run's model/ folder)")
-    if not os.path.exists(os.path.join(local, "saved_model.pb")):
-        raise _fault(shown, "no saved_model.pb there (point it at a run's model/ folder)")
-    _require_file(local, "saved_model.pb", shown)
-    if not os.path.isdir(os.path.join(local, "variables")):
-        raise _fault(shown, "variables/ is missing, so the model has no weights")
-    for name in [INDEX_FILE, *data_files(local)]:
-        _require_file(local, name, shown)
-
-
-def _json_kind(value) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
-    return kinds.get(type(value), "a number")
-
-
-def read_class_names(local: str, shown: str) -> List[str]:
-    """The names in class_names.json: a JSON list of NUM_CLASSES strings. A model folder without the file
-    (copied without it, or exported before it existed) is a digit model: its names are the digits."""
-    path = os.path.join(local, CLASS_NAMES_FILE)
-    if not os.path.lexists(path):
-        return [str(digit) for digit in range(NUM_CLASSES)]
-    try:
-        with open(path, encoding="utf-8") as handle:
-            names = json.load(handle)
-    except IsADirectoryError:
-        raise _fault(shown, f"{CLASS_NAMES_FILE} is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise _fault(shown, f"{CLASS_NAMES_FILE} is not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise _fault(shown, f"{CLASS_NAMES_FILE} is not valid JSON ({error.msg} at line {error.lineno} "
-                            f"column {error.colno})") from None
-    except OSError as error:
-        raise _fault(shown, f"cannot read {CLASS_NAMES_FILE} ({error.strerror or type(error).__name__})") from None
-    wanted = f"not a list of {NUM_CLASSES} names"
-    if not isinstance(names, list):
-        raise _fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
-    if len(names) != NUM_CLASSES:
-        raise _fault(shown, f"{CLASS_NAMES_FILE} holds {len(names)} names, {wanted}")
-    for number, name in enumerate(names, start=1):
-        if not isinstance(name, str) or not name.strip():
-            what = "an empty string" if isinstance(name, str) else _json_kind(name)
-            raise _fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {what}, not a name")
-    return names
-
-
-def _parse(local: str, name: str, message, what: str, shown: str):
-    """File `name` parsed into the protocol buffer `message`, or a fault naming it (`what` it should be)."""
-    from google.protobuf.message import DecodeError
-
-    try:
-        with open(os.path.join(local, name), "rb") as handle:
-            message.ParseFromString(handle.read())
-    except OSError as error:
-        raise _fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
-    except DecodeError:
-        raise _fault(shown, f"{name} is damaged or not {what} (it does not parse)") from None
-    return message
-
-
-def read_saved_model(local: str, shown: str):
-    """saved_model.pb parsed (a `SavedModel` protocol buffer); fingerprint.pb, when there, must parse too
-    (TensorFlow would log a traceback about it and carry on)."""
-    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
-
-    saved_model = _parse(local, "saved_model.pb", saved_model_pb2.SavedModel(), "a SavedModel", shown)
-    if not saved_model.meta_graphs:
-        raise _fault(shown, "saved_model.pb is damaged or not a SavedModel (it holds no graph)")
-    if os.path.exists(os.path.join(local, "fingerprint.pb")):
-        _parse(local, "fingerprint.pb", fingerprint_pb2.FingerprintDef(), "a SavedModel fingerprint", shown)
-    return saved_model
-
-
-def _dtype_name(tf, number: int) -> str:
-    try:
-        return tf.dtypes.as_dtype(number).name
-    except TypeError:  # DT_INVALID: a composite tensor (sparse, ragged)
-        return "composite"
-
-
-def _describe(tf, tensors) -> List[str]:
-    """A signature's tensors as 'name dtype [?,28,28]', sorted by name."""
-    described = []
-    for name, info in sorted(tensors.items()):
-        shape = info.tensor_shape
-        dims = "[...]" if shape.unknown_rank else "[" + ",".join(str(d.size) if d.size >= 0 else "?"
-                                                                 for d in shape.dim) + "]"
-        described.append(f"{name} {_dtype_name(tf, info.dtype)} {dims}")
-    return described
-
-
-def check_signature(tf, saved_model, shown: str) -> None:
-    """The trainer's serving signature: image uint8 [N,28,28] -> classes int64 [N], probabilities float32 [N,10]."""
-    graphs = [graph for graph in saved_model.meta_graphs if "serve" in graph.meta_info_def.tags]
-    signatures = (graphs or saved_model.meta_graphs)[0].signature_def
-    foreign = "saved_model.pb is not a model exported by this trainer"
-    if SIGNATURE not in signatures:
-        raise _fault(shown, f"{foreign}: it has no {SIGNATURE} signature")
-    takes, returns = _describe(tf, signatures[SIGNATURE].inputs), _describe(tf, signatures[SIGNATURE].outputs)
-    if takes != TAKES or not set(RETURNS) <= set(returns):
-        raise _fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
-                            f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(TAKES)} -> {', '.join(RETURNS)}")
-
-
-def check_variables(tf, local: str, shown: str) -> None:
-    """Every variable in variables/ reads back whole (the index parses, each value's bytes and checksum)."""
-    try:
-        reader = tf.train.load_checkpoint(os.path.join(local, "variables", "variables"))
-    except tf.errors.OpError:
-        raise _fault(shown, f"{INDEX_FILE} is damaged (not a checkpoint index)") from None
-    shards = data_files(local)
-    culprit = shards[0] if len(shards) == 1 else "variables/variables.data-*"
-    for name in reader.get_variable_to_shape_map():
-        try:
-            reader.get_tensor(name)
-        except (IndexError, tf.errors.OpError):  # "Read less bytes than requested", "Checksum does not match"
-            # (garbled bytes can read as a string length past the end, so the two do not tell cut from garbled)
-            raise _fault(shown, f"{culprit} is damaged or truncated (a value does not read back as "
-                                f"{INDEX_FILE} describes it)") from None
-
-
-def load_serving(local: str, shown: str):
-    """The model's `serving_default` function, once its files, signature and variables are checked."""
-    from google.protobuf.message import DecodeError
-
-    tf = require_tensorflow()
-    check_signature(tf, read_saved_model(local, shown), shown)
-    check_variables(tf, local, shown)
-    try:
-        return tf.saved_model.load(local).signatures[SIGNATURE]
-    except (tf.errors.OpError, OSError, ValueError, KeyError, IndexError, DecodeError) as error:
-        # e.g. ValueError "Received incompatible tensor with shape ...": variables/ of another export
-        raise _fault(shown, f"TensorFlow cannot restore variables/ into saved_model.pb's graph "
-                            f"({type(error).__name__}), though each reads whole: are they from two different "
-                            f"exports? Export the model again") from None
-
-
 def classify(serving, class_names: Sequence[str], images: np.ndarray, shown: str) -> List[Tuple[int, str, float]]:
     """uint8 [N, 28, 28] -> [(class index, class name, probability)] with the loaded `serving` function."""
     tf = require_tensorflow()
     try:
         outputs = serving(image=tf.constant(images))
     except tf.errors.OpError as error:
-        raise _fault(shown, f"the model failed on these images ({type(error).__name__})") from None
+        raise fault(shown, f"the model failed on these images ({type(error).__name__})") from None
     classes = outputs["classes"].numpy()
     probabilities = outputs["probabilities"].numpy()
     return [(int(c), class_names[int(c)], float(probabilities[i, c])) for i, c in enumerate(classes)]
@@ -601,7 +394,7 @@ class Result(NamedTuple):
     path: str
     pixels: Optional[np.ndarray] = None  # uint8 [28, 28], the model's input
     error: Optional[TrainerError] = None
-    index: int = -1
+    class_index: int = -1
     name: str = ""
     probability: float = 0.0
 
@@ -620,25 +413,30 @@ def predict(model_dir: str, paths: Sequence[str]) -> List[Result]:
             loaded.append(Result(path, pixels=load_image(path)))
         except TrainerError as error:
             loaded.append(Result(path, error=error))
-    good = [result.pixels for result in loaded if result.error is None]
+    good = [result.pixels for result in loaded if result.pixels is not None]
     answers = iter(classify(load_serving(local, shown), class_names, np.stack(good), shown) if good else [])
-    return [result if result.error else result._replace(**dict(zip(("index", "name", "probability"), next(answers))))
-            for result in loaded]
+    results = []
+    for result in loaded:
+        if result.pixels is not None:
+            class_index, name, probability = next(answers)
+            result = result._replace(class_index=class_index, name=name, probability=probability)
+        results.append(result)
+    return results
 
 
 def write_show(path: str, images: np.ndarray, captions: Sequence[str], zoom: int = 4, per_row: int = 10) -> None:
     """The 28x28 inputs as the model saw them, zoomed, in a grid, each captioned, as one PNG."""
     from PIL import Image, ImageDraw
 
-    tile, caption_height, gap = 28 * zoom, 14, 4
+    tile, caption_height, gap = IMAGE_SIZE * zoom, 14, 4
     rows = -(-len(images) // per_row)
     columns = min(len(images), per_row)
     sheet = Image.new("L", (columns * (tile + gap) + gap, rows * (tile + caption_height + gap) + gap), 96)
     draw = ImageDraw.Draw(sheet)
-    for i, (pixels, caption) in enumerate(zip(images, captions)):
+    for i, (pixels, caption) in enumerate(zip(images, captions, strict=True)):
         left = gap + (i % per_row) * (tile + gap)
         top = gap + (i // per_row) * (tile + caption_height + gap)
-        sheet.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST), (left, top))
+        sheet.paste(Image.fromarray(pixels).resize((tile, tile), Image.Resampling.NEAREST), (left, top))
         draw.text((left + 1, top + tile + 1), caption, fill=255)
     try:
         sheet.save(path, format="PNG")
@@ -669,13 +467,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if result.error:
             print(f"error: {result.error}", file=sys.stderr, flush=True)
         else:
-            label = f"{result.index} ({result.name})" if result.name != str(result.index) else str(result.index)
+            index = result.class_index
+            label = f"{index} ({result.name})" if result.name != str(index) else str(index)
             print(f"{result.path}\t{label}\t{result.probability:.4f}", flush=True)
-    seen = [(number, result) for number, result in enumerate(results, start=1) if not result.error]
+    seen = [(number, result, result.pixels) for number, result in enumerate(results, start=1)
+            if result.pixels is not None]
     if args.show and seen:
         try:
-            write_show(args.show, np.stack([result.pixels for _, result in seen]),
-                       [f"{number}: {result.name[:12]} {result.probability:.0%}" for number, result in seen])
+            write_show(args.show, np.stack([pixels for _, _, pixels in seen]),
+                       [f"{number}: {result.name[:12]} {result.probability:.0%}" for number, result, _ in seen])
         except TrainerError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer import data as data_lib
 from trainer.config import Config
+from trainer.images import IMAGE_SIZE
 
 EVAL_BATCH_SIZE = 1000
 # Keras clips probabilities to [1e-7, 1], so an honest cross-entropy never exceeds -ln(1e-7) = 16.1 per
@@ -98,7 +99,7 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
         return tf.reduce_sum(per_example), tf.reduce_sum(correct)
 
@@ -150,7 +151,7 @@ def make_statistics_sync(strategy, model):
         context = tf.distribute.get_replica_context()
         averaged = context.all_reduce(tf.distribute.ReduceOp.MEAN,
                                       [tf.identity(variable.value) for variable in statistics])
-        for variable, value in zip(statistics, averaged):
+        for variable, value in zip(statistics, averaged, strict=True):
             variable.assign(value)  # no aggregation: sets this replica's own copy
 
     @tf.function
@@ -164,7 +165,7 @@ def make_predict_function(model, jit_compile: Optional[bool] = None):
     """float32 probabilities for float images [N, 28, 28, 1], inference mode."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False,
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)], autograph=False,
                  jit_compile=jit_compile)
     def predict(images):
         return tf.cast(model(images, training=False), tf.float32)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from trainer.errors import Interrupted
 
@@ -40,7 +40,7 @@ class RunSignals:
         self.single_process = single_process
         self.exit_code: Optional[int] = None
         self.phase = "start"
-        self._previous = {}
+        self._previous: Dict[int, Any] = {}  # signal number -> the handler it had before
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

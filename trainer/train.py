@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from trainer import data as data_lib
 from trainer import finish
@@ -51,17 +51,12 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     from trainer.model import check_fits
 
     check_fits(config)  # a model too deep for 28x28 fails before any I/O-heavy work
+    from trainer import distribute
+
     if resolved is None:
-        from trainer.distribute import configure_host, resolve_strategy
-
-        configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
-        resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu,
-                                    config.cluster_wait, log)
-    from trainer.distribute import jit_compile_setting, mixed_precision_policy
-
-    policy = mixed_precision_policy(config.mixed_precision, resolved)
-    extras = Extras(tuple(observers), initial_weights, evaluate_and_export, jit_compile_setting(config.jit_compile,
-                                                                                                resolved))
+        resolved = distribute.set_up(config, os.environ if environ is None else environ, log)
+    policy, jit_compile = distribute.precision_and_compilation(config, resolved)
+    extras = Extras(tuple(observers), initial_weights, evaluate_and_export, jit_compile)
     keras.mixed_precision.set_global_policy(policy)
     try:
         return _run(config, splits, resolved, policy, log, extras)
@@ -104,10 +99,8 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
     predict = steps_lib.make_predict_function(state.model, extras.jit_compile)
     learning_rate_at = steps_lib.learning_rate_at(config, steps)
-    summaries = observers_lib.Summaries(outputs.log_dir, config.to_dict(), outputs.sync_logs, learning_rate_at)
-    observers = observers_lib.Observers([
-        summaries, observers_lib.Console(config.epochs, log), observers_lib.Hypertune() if config.hypertune else None,
-        observers_lib.Profiler(config.profile_steps, outputs.log_dir), *extras.observers])
+    summaries, observers = observers_lib.for_run(config, outputs.log_dir, outputs.sync_logs, learning_rate_at, log,
+                                                 extras.observers)
     try:
         trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile,
                        learning_rate_at)
@@ -154,7 +147,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
                                                 jit_compile)
     sync_statistics = steps_lib.make_statistics_sync(resolved.strategy, state.model)
     train_tensors = data_lib.TrainTensors(*splits.train)
-    trained = dict(seconds=0.0, examples=0, val_predictions=None)
+    trained: Dict[str, Any] = dict(seconds=0.0, examples=0, val_predictions=None)
     observers.on_train_begin(state.model, initial_epoch)
     with StopSignal(resolved.strategy, resolved.num_workers) as stop:
         for epoch in range(initial_epoch, config.epochs):

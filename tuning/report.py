@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from trainer.export import write_json_atomic
+from trainer.atomic import write_json
 from tuning.space import DROPOUT, as_flags, trial_number
 
 BEST_FILE = "best_hyperparameters.json"
@@ -23,11 +23,12 @@ def _trial_rows(tuner) -> list:
 
 def print_table(rows: list) -> None:
     columns = ["trial_id", "filters", DROPOUT, "dense_units", "learning_rate", "val_accuracy", "status"]
-    table = [[str(row[c]) if c != "val_accuracy" or row[c] is None else f"{row[c]:.4f}" for c in columns] for row in rows]
+    table = [[str(row[c]) if c != "val_accuracy" or row[c] is None else f"{row[c]:.4f}" for c in columns]
+             for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def write_hparams_view(rows: list, log_dir: str) -> None:
@@ -54,8 +55,8 @@ def write_results(tuner, space, job_dir: str) -> str:
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = as_flags(space.values(best_trial.hyperparameters.copy()), tuner.hypermodel.base)
     best_path = os.path.join(job_dir, BEST_FILE)
-    write_json_atomic(best_path, best)
-    write_json_atomic(os.path.join(job_dir, RESULTS_FILE),
+    write_json(best_path, best)
+    write_json(os.path.join(job_dir, RESULTS_FILE),
                       {"objective": "val_accuracy", "best_trial_id": trial_number(best_trial.trial_id),
                        "best_val_accuracy": best_trial.score, "trials": rows})
     write_hparams_view(rows, os.path.join(job_dir, "logs"))
