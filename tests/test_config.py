@@ -1,5 +1,6 @@
 """Command-line parsing and validation: exit 2 with an argparse-style message, before any I/O."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_config_is_frozen_and_validated_when_built_directly():
     with pytest.raises(ValueError, match="--dropout"):
         Config(job_dir="/tmp/x", dropout=1.0)
     config = Config(job_dir="/tmp/x")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 3
 
 

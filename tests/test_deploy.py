@@ -19,7 +19,7 @@ import sysconfig
 
 import pytest
 
-from conftest import ROOT_DIR, main_in_fresh_interpreter
+from helpers import ROOT_DIR, main_in_fresh_interpreter
 
 TARGETS = ("cpu", "gpu", "gpu-multi", "multi-worker", "tpu-v5e", "tpu-v3")
 
@@ -237,7 +237,8 @@ def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--restarts", "2"],
      "--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only"),
     (["tune", "--service", "keras-tuner", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local",
-      "--local-output", "o"], "--local-output applies to --service vertex (a KerasTuner search writes into its job dir)"),
+      "--local-output", "o"],
+     "--local-output applies to --service vertex (a KerasTuner search writes into its job dir)"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--restarts", "-1"],
      "--restarts and --stop-grace must be 0 or more"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "0"],
@@ -290,6 +291,7 @@ def fresh_venv(path):
     return python
 
 
+@pytest.mark.slow
 def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, digits_idx):
     dockerfile = open(os.path.join(ROOT_DIR, "Dockerfile")).read()
     install = re.search(r'pip install --no-cache-dir "\.\[\$\{VARIANT\},([a-z,]+)\]"', dockerfile)
@@ -315,6 +317,7 @@ def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, di
     assert os.path.isfile(home / "run" / "model" / "saved_model.pb")
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path, digits_idx, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -13,8 +13,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import (free_port, read_metrics, run_cli, run_task, signal_after_first_epoch, start_cli,
-                      wait_for_line)
+
+from helpers import free_port, read_metrics, run_cli, run_task, signal_after_first_epoch, start_cli, wait_for_line
 from trainer.distribute import attached_tpu, chief_of, cluster_config
 
 
@@ -65,7 +65,8 @@ def test_cluster_wait_names_the_peers_that_never_started_and_a_task_outside_its_
     assert str(error.value).startswith(f"the cluster did not start within 1.5 s (--cluster-wait): not started: "
                                        f"worker 1 (127.0.0.1:{down}); ")
     assert len(lines) == 1 and re.fullmatch(rf"waiting for the cluster to start \(\d s\): not started: worker 1 "
-                                            rf"\(127\.0\.0\.1:{down}\) \(giving up after 1\.5 s, --cluster-wait\)", lines[0])
+                                            rf"\(127\.0\.0\.1:{down}\) \(giving up after 1\.5 s, --cluster-wait\)",
+                    lines[0])
     config["task"]["index"] = 2
     with pytest.raises(TrainerError, match=r"this task \(worker 2\) is not in its cluster \(chief x1, worker x2\)"):
         wait_for_peers(config, 1)
@@ -108,6 +109,7 @@ def test_strategy_tpu_without_a_tpu_is_one_clear_error(tmp_path):
 
 # ---------------------------------------------------------------------------------- training
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_devices_matches_the_default_strategy(digits_idx, seed_run, tmp_path):
     _, default_metrics, _ = seed_run  # the same data, seed and recipe under the default strategy
     job_dir = str(tmp_path / "mirrored")
@@ -154,10 +156,11 @@ def _wait(processes, timeout=300):
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
-            raise AssertionError("a worker hung")
+            raise AssertionError("a worker hung") from None
     return codes
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_agree_and_only_the_chief_writes(digits_idx, tmp_path):
     """The default recipe, batch norm included: each worker's moving statistics come from its own shard
     until they are averaged after every epoch, so equal checksums prove the averaging."""
@@ -178,6 +181,7 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(digits_idx, 
     assert os.listdir(tmp_dirs[1]) == [], "the worker's scratch folders must be deleted"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_rerun_resumes_mid_epoch(digits_idx, tmp_path):
     job_dir = str(tmp_path / "job")
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs", "2", "--batch-size", "16",
@@ -205,6 +209,7 @@ def test_resuming_with_other_model_settings_is_refused(digits_idx, tmp_path):
     assert read_metrics(job_dir)["initial_epoch"] == 0
 
 
+@pytest.mark.slow
 def test_multi_worker_sigterm_to_one_worker_at_start_up_stops_both_then_both_resume(digits_idx, tmp_path):
     """SIGTERM reaches one worker while it starts (TensorFlow loading, the cluster forming): it must not
     leave alone (its peer would wait in a collective), so both stop at the first vote, step 20 of
@@ -223,6 +228,7 @@ def test_multi_worker_sigterm_to_one_worker_at_start_up_stops_both_then_both_res
     assert metrics["epochs_completed"] == 2 and metrics["num_replicas"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", [0, 1], ids=["leader", "non-leader"])
 def test_kill_9_of_one_worker_stops_the_other_with_one_line_and_a_rerun_resumes(digits_idx, tmp_path, victim):
     """A worker dies (kill -9: a crash or a preemption without notice) after epoch 1's checkpoint. The
@@ -234,7 +240,7 @@ def test_kill_9_of_one_worker_stops_the_other_with_one_line_and_a_rerun_resumes(
     extra = ["--epochs", "4", "--batch-size", "32", "--train-limit", "3000"]
     logs = [str(tmp_path / "a0.log"), str(tmp_path / "a1.log")]
     processes = _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)
-    for log, process in zip(logs, processes):
+    for log, process in zip(logs, processes, strict=True):
         wait_for_line(log, "epoch 1/4", process)  # both have saved epoch 1
     processes[victim].kill()
     killed = time.monotonic()
@@ -251,6 +257,7 @@ def test_kill_9_of_one_worker_stops_the_other_with_one_line_and_a_rerun_resumes(
     assert metrics["initial_epoch"] >= 1 and metrics["epochs_completed"] == 4
 
 
+@pytest.mark.slow
 def test_a_worker_whose_peer_never_starts_gives_up_after_cluster_wait(digits_idx, tmp_path):
     """Without --cluster-wait TensorFlow would wait for a missing peer forever (and ignore SIGTERM while it
     waits). Nothing listens on the peer's port here: the worker reports progress, then exits 1 naming it,
@@ -271,6 +278,7 @@ def test_a_worker_whose_peer_never_starts_gives_up_after_cluster_wait(digits_idx
     assert not os.path.exists(job_dir)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_compiles_trains_and_serves_float32(digits_idx, tmp_path):
     import numpy as np
     import tensorflow as tf

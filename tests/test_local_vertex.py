@@ -20,7 +20,9 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, fake_gcs_server, main_in_fresh_interpreter, trainer_env, wait_for_line
+from helpers import ROOT_DIR, fake_gcs_server, main_in_fresh_interpreter, trainer_env, wait_for_line
+
+pytestmark = pytest.mark.slow  # local Vertex AI jobs
 
 COMMON = ["train", "--project", "demo", "--image", "img:cpu"]
 
@@ -261,7 +263,8 @@ def test_multi_worker_job_survives_a_killed_worker_and_the_chief_fills_the_aip_f
         os.kill(int(replica_pids(open(log).read())["workerpool1-1"]), signal.SIGKILL)
         # On failure: every line of the runner's own (what failed first, and when), then the replicas' last lines.
         assert runner.wait(timeout=300) == 0, "\n".join(
-            [line for line in open(log).read().splitlines() if line.startswith("local job:")] + [open(log).read()[-3000:]])
+            [line for line in open(log).read().splitlines() if line.startswith("local job:")]
+            + [open(log).read()[-3000:]])
     finally:
         runner.kill()
     output = open(log).read()

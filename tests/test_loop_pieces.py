@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT_DIR
+from helpers import ROOT_DIR
 
 DOCUMENTED_METRICS = ("test_accuracy", "test_loss", "validation_accuracy", "validation_loss", "epochs_completed",
                       "initial_epoch", "initial_step", "train_seconds", "train_examples_per_second", "num_replicas",
@@ -114,7 +114,8 @@ def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tm
 
     checkpoints, outputs = _checkpoints(job_dir, dropout=0.3)
     try:
-        with pytest.raises(TrainerError, match=r"holds a checkpoint of a run with other settings \(dropout 0.5 -> 0.3\)"):
+        expected = r"holds a checkpoint of a run with other settings \(dropout 0.5 -> 0.3\)"
+        with pytest.raises(TrainerError, match=expected):
             checkpoints.restore()
     finally:
         outputs.close()
@@ -137,7 +138,7 @@ def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tm
 def test_the_summaries_observer_writes_the_documented_tags(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from trainer import export
+    from trainer import plots
     from trainer.observers import Summaries
 
     summaries = Summaries(str(tmp_path), {"epochs": 2, "dataset": "mnist"})
@@ -146,7 +147,8 @@ def test_the_summaries_observer_writes_the_documented_tags(tmp_path):
         row = dict(epoch=epoch + 1, loss=1.0 / (epoch + 1), accuracy=0.5 + epoch / 10, val_loss=1.2, val_accuracy=0.6,
                    learning_rate=1e-3)
         summaries.on_epoch_end(epoch, row, dict(examples_per_second=1000.0, seconds=1.0))
-    png = export.misclassified_png(np.zeros((2, 28, 28), np.uint8), np.array([1, 2]), np.array([2, 1]), list("0123456789"))
+    png = plots.misclassified_png(np.zeros((2, 28, 28), np.uint8), np.array([1, 2]), np.array([2, 1]),
+                                   list("0123456789"))
     summaries.image("misclassified", png, step=2)
 
     train = EventAccumulator(str(tmp_path / "train")).Reload()
@@ -181,16 +183,13 @@ def test_final_metrics_has_every_documented_key(tmp_path):
     json.dumps(metrics)  # all of it goes into metrics.json
 
 
-def test_trainer_functions_are_short_and_modules_import_no_cycle():
-    """No function in trainer/ over 60 lines (argparse parser tables aside); trainer modules import one
-    way (a cycle would show as a module reachable from itself)."""
+def test_trainer_modules_import_one_way():
+    """Trainer modules import one way, lazy imports inside functions included (a cycle would show as a
+    module reachable from itself). Function length is a lint rule (ruff's statement cap)."""
     imports = {}
     for path in sorted(glob.glob(os.path.join(ROOT_DIR, "trainer", "*.py"))):
         module = os.path.basename(path)[:-3]
         tree = ast.parse(open(path).read())
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
-                assert node.end_lineno - node.lineno + 1 <= 60, f"{module}.{node.name} is over 60 lines"
         imports[module] = {alias.name if node.module == "trainer" else node.module.split(".")[1]
                            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
                            and node.module.startswith("trainer") for alias in node.names}

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, trainer_env
+from helpers import ROOT_DIR, trainer_env
 
 DATA = "variables/variables.data-00000-of-00001"
 INDEX = "variables/variables.index"
@@ -190,6 +190,7 @@ def test_a_model_without_class_names_names_its_classes_by_digit(model_copy, digi
     assert path == digit_png and label in [str(digit) for digit in range(10)] and 0 < float(probability) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["saved_model.pb garbage", "data truncated"])
 def test_in_a_fresh_process_stderr_is_still_one_line(model_copy, digit_png, case):
     """A real process imports TensorFlow itself, whose C++ start-up writes to stderr whatever TF_CPP_MIN_LOG_LEVEL
@@ -201,7 +202,8 @@ def test_in_a_fresh_process_stderr_is_still_one_line(model_copy, digit_png, case
                             cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - started
     expected = dict((row[0], row[2]) for row in CASES)[case]
-    assert_one_error_line(result.returncode, result.stdout, result.stderr, f"error: --model-dir {model_copy}: {expected}")
+    assert_one_error_line(result.returncode, result.stdout, result.stderr,
+                          f"error: --model-dir {model_copy}: {expected}")
     assert seconds < 60, seconds
 
 

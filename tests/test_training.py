@@ -1,4 +1,5 @@
-"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, determinism (trainer.predict: test_predict.py)."""
+"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, determinism
+(trainer.predict has test_predict.py)."""
 
 import glob
 import json
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT_DIR, file_snapshot, main_in_fresh_interpreter, run_task
+from helpers import ROOT_DIR, file_snapshot, main_in_fresh_interpreter, run_task
 
 TIMING_KEYS = {"train_seconds", "train_examples_per_second"}
 
@@ -106,6 +107,7 @@ def test_tensorboard_logs_have_the_documented_runs_and_tags(seed_run):
     assert last == pytest.approx(metrics["history"][-1]["val_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):
     job_dir = str(tmp_path / "fashion")
     code, out, err = run_task(["--dataset", f"idx:{fashion_dir}", "--preset", "seed", "--train-limit", "10000",
@@ -118,6 +120,7 @@ def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):
     assert metrics["class_names"][0] == "T-shirt/top"  # names come with the dataset, for plots and predict
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_gives_identical_metrics(digits_idx, tmp_path):
     """Two separate processes, same flags: metrics.json differs only in its timing keys."""
     job_dir = str(tmp_path / "same")
