@@ -232,7 +232,7 @@ def test_multi_worker_sigterm_to_one_worker_at_start_up_stops_both_then_both_res
 @pytest.mark.parametrize("victim", [0, 1], ids=["leader", "non-leader"])
 def test_kill_9_of_one_worker_stops_the_other_with_one_line_and_a_rerun_resumes(digits_idx, tmp_path, victim):
     """A worker dies (kill -9: a crash or a preemption without notice) after epoch 1's checkpoint. The
-    survivor must not wait forever in a collective: it exits 1 within 60 s (README: TensorFlow's
+    survivor must not wait forever in a collective: it exits 1 within 60 s (TensorFlow's
     coordination service notices within about 10 s, at once when the connection is reset) with one line
     naming the lost task, no traceback. Worker 0 is the leader: it hosts the coordination service, so
     its death and a non-leader's reach the survivor differently. Rerunning both resumes from epoch 1."""
