@@ -194,9 +194,17 @@ def _connect_tpu(tpu: str):
 
 def tpu_hint(tpu: str, error: BaseException) -> str:
     """What to do about a TPU that could not be reached, from what is known of this host."""
-    if "ConfigureDistributedTPU" in str(error):  # a TensorFlow build without TPU kernels
-        return ("this TensorFlow has no TPU support: install tensorflow-tpu (pip install 'mnist-trainer[tpu]') "
-                "in place of tensorflow or tensorflow-cpu")
+    if "ConfigureDistributedTPU" in str(error):  # TensorFlow started without TPU kernels
+        import importlib.metadata
+
+        try:
+            importlib.metadata.version("tensorflow-tpu")
+        except importlib.metadata.PackageNotFoundError:
+            return ("this TensorFlow has no TPU support: install tensorflow-tpu (pip install 'mnist-trainer[tpu]') "
+                    "in place of tensorflow or tensorflow-cpu")
+        settings = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in
+                             [*PJRT_ENVIRONMENT, "TF_PLUGGABLE_DEVICE_LIBRARY_PATH"])
+        return f"TensorFlow started without libtpu's PJRT plugin ({settings})"
     if tpu == "local" and not libtpu_library():
         return "libtpu is not installed (pip install 'mnist-trainer[tpu]' brings it)"
     return "use --strategy auto or default on machines without a TPU"
