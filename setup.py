@@ -17,17 +17,19 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["trainer", "trainer.*", "tuning", "tuning.*", "deploy", "deploy.*"]),
-    python_requires=">=3.10,<3.13",
+    python_requires=">=3.10,<3.14",
     install_requires=[
         # TensorFlow itself is not here: it ships as tensorflow, tensorflow-cpu or tensorflow-tpu, or comes
         # preinstalled (Vertex AI and Colab images). The extras below choose; the trainer says which is missing.
-        "tensorflow-datasets>=4.9.7,<5",
+        # Lower bounds: Colab's stack (deploy/colab/constraints.txt), the oldest that `make test-colab` runs.
+        "tensorflow-datasets>=4.9.10,<5",
         "importlib_resources>=6",  # tensorflow-datasets 4.9.10 imports it without declaring it
         "tensorboard" + TENSORFLOW,  # TF 2.21 no longer pulls TensorBoard in
+        "keras>=3.13.2,<4",
         "keras-tuner>=1.4.7,<2",
         "google-cloud-storage>=2.18,<4",
         "matplotlib>=3.7",
-        "numpy>=1.26",
+        "numpy>=2.1.3",
         "pillow>=10",
     ],
     extras_require={
@@ -46,6 +48,7 @@ setup(
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",
         "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -343,6 +343,9 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path, digits_idx, monkeypa
         client.execute()
         outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in notebook.cells
                    if cell.cell_type == "code"]
+        install = outputs[1].strip().splitlines()
+        assert install[0].startswith("installing: ") and install[-1].startswith("installed: mnist-trainer 0.")
+        assert len(install) == 2, "pip's own output shows only when it fails (no CompletedProcess either)"
         assert "NOTE: no TPU attached" in outputs[2] and "test_accuracy" in outputs[2]
         images = [o for o in notebook.cells[4].outputs if "image/png" in o.get("data", {})]
         assert len(images) == 3  # accuracy, loss, confusion matrix

@@ -127,6 +127,51 @@ def attached_tpu(environ: Mapping[str, str], tpu: Optional[str] = None) -> Optio
     return None
 
 
+# TensorFlow reaches the chips of a TPU VM through libtpu's PJRT plugin. TensorFlow reads these variables
+# when it is imported (it loads TF_PLUGGABLE_DEVICE_LIBRARY_PATH then), so they must be set before that.
+PJRT_ENVIRONMENT = {"PJRT_DEVICE": "TPU", "NEXT_PLUGGABLE_DEVICE_USE_C_API": "true"}
+# Where TPU VM images without the libtpu package keep the library.
+SYSTEM_LIBTPU = "/lib/libtpu.so"
+
+
+def libtpu_library() -> Optional[str]:
+    """Path of libtpu's shared library: the `libtpu` package's libtpu.so (located without importing the
+    package), else the TPU VM image's /lib/libtpu.so; None when neither exists."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("libtpu")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, "libtpu.so")
+        if os.path.isfile(candidate):
+            return candidate
+    return SYSTEM_LIBTPU if os.path.isfile(SYSTEM_LIBTPU) else None
+
+
+def tpu_environment(strategy: str, environ: Mapping[str, str], tpu: Optional[str] = None) -> dict:
+    """The PJRT variables to add before TensorFlow loads, or {}: only when the run asks for this host's
+    TPU (`--strategy tpu`, or `auto` with a TPU attached, resolved as 'local') and libtpu is installed.
+    Variables the environment already sets are left as they are."""
+    if strategy not in ("tpu", "auto"):
+        return {}
+    target = attached_tpu(environ, tpu) or ("local" if strategy == "tpu" else None)
+    library = libtpu_library() if target == "local" else None
+    if not library:
+        return {}
+    wanted = dict(PJRT_ENVIRONMENT, TF_PLUGGABLE_DEVICE_LIBRARY_PATH=library)
+    return {name: value for name, value in wanted.items() if name not in environ}
+
+
+def prepare_tpu_environment(strategy: str, tpu: Optional[str] = None, environ=None) -> dict:
+    """Set `tpu_environment`'s variables in `environ` (default os.environ); returns what it set."""
+    environ = os.environ if environ is None else environ
+    added = tpu_environment(strategy, environ, tpu)
+    environ.update(added)
+    return added
+
+
 def auto_choice(environ: Mapping[str, str], num_gpus: int) -> str:
     """What `auto` means once no TPU answered: multi_worker in a cluster, mirrored over 2+ GPUs, else default."""
     if cluster_config(environ):
@@ -144,8 +189,26 @@ def _connect_tpu(tpu: str):
         return tf.distribute.TPUStrategy(resolver)
     except Exception as error:  # ValueError, NotFoundError, IndexError... depending on the host
         raise TrainerError(f"--strategy tpu: cannot reach TPU {tpu!r} ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); use "
-                           "--strategy auto or default on machines without a TPU") from None
+                           f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); "
+                           f"{tpu_hint(tpu, error)}") from None
+
+
+def tpu_hint(tpu: str, error: BaseException) -> str:
+    """What to do about a TPU that could not be reached, from what is known of this host."""
+    if "ConfigureDistributedTPU" in str(error):  # TensorFlow started without TPU kernels
+        import importlib.metadata
+
+        try:
+            importlib.metadata.version("tensorflow-tpu")
+        except importlib.metadata.PackageNotFoundError:
+            return ("this TensorFlow has no TPU support: install tensorflow-tpu (pip install 'mnist-trainer[tpu]') "
+                    "in place of tensorflow or tensorflow-cpu")
+        settings = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in
+                             [*PJRT_ENVIRONMENT, "TF_PLUGGABLE_DEVICE_LIBRARY_PATH"])
+        return f"TensorFlow started without libtpu's PJRT plugin ({settings})"
+    if tpu == "local" and not libtpu_library():
+        return "libtpu is not installed (pip install 'mnist-trainer[tpu]' brings it)"
+    return "use --strategy auto or default on machines without a TPU"
 
 
 # How long a worker waits for the rest of its cluster to start before it gives up (--cluster-wait). Vertex

@@ -112,8 +112,10 @@ def fused_batch_norm_layer():
     class FusedBatchNormalization(keras.layers.BatchNormalization):
         def call(self, inputs, training=None, mask=None):
             rank = len(inputs.shape)
-            if (not (training and self.trainable) or mask is not None or self.renorm or self.synchronized
-                    or rank not in (2, 4) or self.axis not in (-1, rank - 1)):
+            # Keras 3.13 has no batch renormalisation (no `renorm` attribute): the fused path then
+            # applies whenever the other conditions hold.
+            if (not (training and self.trainable) or mask is not None or getattr(self, "renorm", False)
+                    or getattr(self, "synchronized", False) or rank not in (2, 4) or self.axis not in (-1, rank - 1)):
                 return super().call(inputs, training=training, mask=mask)
             x = tf.cast(inputs, tf.float32)  # as the stock layer: statistics in float32 whatever the policy
             if rank == 2:
