@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT_DIR
+
+from helpers import ROOT_DIR
 
 COLAB_PINS = os.path.join(ROOT_DIR, "deploy", "colab", "constraints.txt")
 COLAB_LIBTPU = "0.0.21.1"  # what Colab's TPU runtimes install for JAX 0.7.2

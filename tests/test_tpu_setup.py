@@ -11,8 +11,8 @@ import os
 import sys
 
 import pytest
-from conftest import run_cli
 
+from helpers import run_cli
 from trainer import distribute
 from trainer.distribute import tpu_environment
 
