@@ -274,8 +274,12 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
     args = top.parse_args(argv)
     parser = top.commands[args.command]  # errors show the subcommand's usage
     args.project = args.project or environ.get("GOOGLE_CLOUD_PROJECT")
-    if not args.project:
+    only_here = args.dry_run or getattr(args, "local", False)  # printed or run here: no project in the request
+    if not args.project and not only_here:
         parser.error("--project is required (or set GOOGLE_CLOUD_PROJECT)")
+    if not args.project and args.package and not args.executor_image:
+        parser.error("--package without --executor-image runs the project's own image, which --project names "
+                     "(or set GOOGLE_CLOUD_PROJECT)")
     if not args.job_dir.startswith("gs://"):
         parser.error(f"--job-dir must be a gs:// folder (Vertex AI writes there), got {args.job_dir}")
     if args.package and not (args.staging_bucket or "").startswith("gs://"):

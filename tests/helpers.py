@@ -155,3 +155,17 @@ def fake_gcs_server():
         if previous:
             os.environ["STORAGE_EMULATOR_HOST"] = previous
         storage.client.cache_clear()
+
+
+def printed_command(out: str, pattern: str) -> list:
+    """The command a run printed (`pattern` has one group around it), split as a shell would, with the
+    `python` it names replaced by this interpreter."""
+    import re
+    import shlex
+    import sys
+
+    match = re.search(pattern, out, re.MULTILINE)
+    assert match, out
+    argv = shlex.split(match.group(1))
+    assert argv[:3] == ["python", "-m", "trainer.task"], argv
+    return [sys.executable, *argv[1:]]

@@ -232,6 +232,8 @@ def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
     (["train", "--image", "i", "--job-dir", "/local/run", "--project", "p"], "--job-dir must be a gs:// folder"),
     (["train", "--package", "--job-dir", "gs://b/r", "--project", "p"], "--package needs --staging-bucket"),
     (["train", "--image", "i", "--job-dir", "gs://b/r"], "--project is required"),
+    (["train", "--package", "--staging-bucket", "gs://b/s", "--job-dir", "gs://b/r", "--dry-run"],
+     "--package without --executor-image runs the project's own image, which --project names"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--dry-run"],
      "--local runs the job and --dry-run only prints it: choose one"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--restarts", "2"],
@@ -250,6 +252,16 @@ def test_bad_command_lines_exit_2(args, message, monkeypatch):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     code, _, err = vertex(args)
     assert code == 2 and message in err
+
+
+def test_a_dry_run_with_an_image_needs_no_project(monkeypatch):
+    """The printed request names no project when the image is given, so --dry-run prints it without one."""
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    code, out, err = vertex(["train", "--image", "img:1", "--job-dir", "gs://b/r", "--dry-run"])
+    assert code == 0, err
+    assert CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.image_uri == "img:1"
 
 
 @pytest.mark.parametrize("command", ["train", "tune --service vertex", "tune --service keras-tuner"])

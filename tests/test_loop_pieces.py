@@ -204,3 +204,46 @@ def test_trainer_modules_import_one_way():
         return seen
 
     assert [module for module in imports if module in reachable(module)] == []
+
+
+def test_the_misclassified_grid_has_no_blank_band():
+    """The title sits just above the grid: no run of empty rows taller than a small gap anywhere."""
+    import io
+
+    from PIL import Image
+
+    from trainer import plots
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    png = plots.misclassified_png(images, labels, (labels + 1) % 10, [f"class {i}" for i in range(10)])
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    longest = current = 0
+    for blank in (pixels > 250).all(axis=1):
+        current = current + 1 if blank else 0
+        longest = max(longest, current)
+    assert longest < 0.03 * pixels.shape[0], f"a blank band of {longest} rows in {pixels.shape[0]}"
+
+
+
+def test_a_long_epoch_shows_the_time_left(monkeypatch):
+    """In a log (not a terminal) a long epoch prints its progress with the time left every `every` seconds,
+    paced from the epoch's first call on; a short epoch prints nothing but its epoch line."""
+    from trainer import observers
+
+    clock = iter([0.0, 10.0, 20.0, 30.0, 100.0])
+    monkeypatch.setattr(observers.time, "monotonic", lambda: next(clock))
+    lines = []
+    console = observers.Console(epochs=20, log=lines.append, every=15)
+    console.enabled = False
+    console.on_epoch_begin(1)                                    # t=0
+    console.on_train_steps(1, 20, 420, 0.5)                      # t=10: the pace starts here
+    console.on_train_steps(1, 120, 420, 0.4)                     # t=20: 100 steps in 10 s, 300 left
+    console.on_train_steps(1, 220, 420, 0.3)                     # t=30: the last line was 10 s ago
+    assert lines == ["epoch 2/20 [========......................] 120/420 loss 0.4000 ETA 30 s"]
+    console.on_train_steps(1, 320, 420, 0.3)                     # t=100: 300 steps in 90 s, 100 left
+    assert lines[-1] == "epoch 2/20 [======================........] 320/420 loss 0.3000 ETA 30 s"
+    assert len(lines) == 2
+    assert observers.progress_line(0, 3, 10, 1000, 1.0, 95.0).endswith("10/1000 loss 1.0000 ETA 1:35")
+    assert observers.progress_line(0, 3, 0, 10, 1.0, None).endswith("0/10 loss 1.0000")

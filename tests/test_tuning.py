@@ -10,7 +10,15 @@ import sys
 
 import pytest
 
-from helpers import ROOT_DIR, file_snapshot, main_in_fresh_interpreter, read_metrics, run_cli, trainer_env
+from helpers import (
+    ROOT_DIR,
+    file_snapshot,
+    main_in_fresh_interpreter,
+    printed_command,
+    read_metrics,
+    run_cli,
+    trainer_env,
+)
 
 
 def tune(args, timeout=600, **env):
@@ -197,6 +205,24 @@ def test_best_hyperparameters_file_reproduces_the_configuration(search, digits_i
     assert ",".join(map(str, config["filters"])) == chosen["filters"]
     assert config["dropout"] == chosen["dropout"] and config["learning_rate"] == chosen["learning_rate"]
     assert config["epochs"] == 1  # an explicit flag beats the file
+
+
+@pytest.mark.slow
+def test_the_searchs_closing_command_runs_as_printed_on_the_searchs_data(search, digits_idx):
+    """The search ends naming the command that trains its best configuration; run as printed, it trains
+    that configuration on the search's data (dataset, --train-limit, seed) for the preset's epochs into
+    JOB_DIR/best, as --retrain would."""
+    job_dir, _, out, _ = search
+    argv = printed_command(out, r"train it with: (.+)$")
+    result = subprocess.run(argv, cwd=ROOT_DIR, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(job_dir, "best_hyperparameters.json")) as handle:
+        chosen = json.load(handle)
+    metrics = read_metrics(os.path.join(job_dir, "best"))
+    assert metrics["dataset"] == f"idx:{digits_idx}"
+    assert metrics["config"]["train_limit"] == 2500 and metrics["config"]["preset"] == "seed"
+    assert ",".join(map(str, metrics["config"]["filters"])) == chosen["filters"]
+    assert metrics["config"]["dropout"] == chosen["dropout"] and metrics["epochs_completed"] == 10
 
 
 @pytest.mark.slow

@@ -341,15 +341,54 @@ def _preset_values(key: str) -> str:
             f"{'' if quick == DEFAULT_RECIPE[key] else f', quick {shown(quick)}'}, seed {shown(SEED_RECIPE[key])})")
 
 
+# Settings that name this run's own folders or its resume mode: a follow-up command gets its own.
+_NOT_CARRIED = ("job_dir", "preset", "model_dir", "log_dir", "checkpoint_dir", "resume", "hypertune")
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def command_flags(config: Config, preset: str, skip: Sequence[str] = ()) -> list:
+    """The flags that make `python -m trainer.task --preset PRESET` train on this config's data with its
+    settings: every setting that differs from what that preset and the defaults give (its own folders,
+    resume mode and the keys in `skip` aside), as an argv list."""
+    baseline = Config(job_dir=config.job_dir, preset=preset)
+    argv = ["--preset", preset] if preset != "default" else []
+    for field in dataclasses.fields(Config):
+        name = field.name
+        value = getattr(config, name)
+        if name in _NOT_CARRIED or name in skip or value == getattr(baseline, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # --batch-norm / --no-batch-norm
+            argv.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            argv += [flag, _flag_value(value)]
+    return argv
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def full_recipe_hint(config: Config, seconds_per_epoch: Optional[float]) -> str:
-    """The line a --preset quick run ends with: how to run the full default recipe, and how long its
-    training would take at this run's pace (seconds per epoch; None when no epoch was trained)."""
-    dataset = "" if config.dataset == "mnist" else f" --dataset {config.dataset}"
+    """The line a --preset quick run ends with: the command that trains the full default recipe on the same
+    data and settings into a sibling job dir, and how long its training would take at this run's pace
+    (seconds per epoch; None when no epoch was trained)."""
+    import shlex
+
     epochs = DEFAULT_RECIPE["epochs"]
+    job_dir = config.job_dir.rstrip("/") + "-full"
+    argv = ["python", "-m", "trainer.task", *command_flags(config, "default", skip=("epochs",)),
+            "--job-dir", job_dir]
     pace = ("" if not seconds_per_epoch
-            else f", about {seconds_per_epoch * epochs / 60:.0f} min of training at this run's pace")
-    return (f"quick preset: {config.epochs} epochs of the default recipe; for the full recipe run "
-            f"`python -m trainer.task{dataset}` ({epochs} epochs{pace})")
+            else f", about {_duration(seconds_per_epoch * epochs)} of training at this run's pace")
+    plural = "epoch" if config.epochs == 1 else "epochs"
+    return (f"quick preset: {config.epochs} {plural} of the default recipe; for the full recipe run "
+            f"`{shlex.join(argv)}` ({epochs} epochs{pace})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,3 +192,21 @@ def build_model(config, bn_momentum: float = 0.9):
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
+
+
+def summary(model) -> list:
+    """The model as a Keras user reads it: a headline with the parameter counts, then one row per layer
+    (name, type, output shape without the batch, parameters)."""
+    import math
+
+    trainable = sum(math.prod(weight.shape) for weight in model.trainable_weights)
+    total = sum(math.prod(weight.shape) for weight in model.weights)
+    rows = [("layer", "type", "output shape", "parameters")]
+    for layer in model.layers:
+        rows.append((layer.name, type(layer).__name__, str(tuple(layer.output.shape[1:])),
+                     f"{layer.count_params():,}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return [f"model {model.name}: {len(model.layers)} layers, {total:,} parameters ({trainable:,} trainable)",
+            *table]

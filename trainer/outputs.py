@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional
 
-from trainer import joblock, model_folder, storage
-from trainer.config import Config
+from trainer import atomic, joblock, model_folder, storage
+from trainer.config import Config, join_path
 from trainer.errors import TrainerError
 
 NAMES = ("job_dir", "model_dir", "log_dir", "checkpoint_dir")
@@ -62,6 +62,19 @@ class Outputs:
     def publish_model(self) -> None:
         if "model_dir" in self.remote:
             storage.publish_model(self.model_dir, self.remote["model_dir"])
+
+    @property
+    def model_summary_path(self) -> str:
+        return os.path.join(self.job_dir, "model_summary.txt")
+
+    def write_model_summary(self, lines: List[str]) -> str:
+        """The chief keeps the model's layer table in the job dir; returns the headline to print."""
+        if not self.is_chief:
+            return lines[0]
+        atomic.write_bytes(self.model_summary_path, ("\n".join(lines) + "\n").encode())
+        if "job_dir" in self.remote:
+            storage.upload_file(self.model_summary_path, f"{self.remote['job_dir'].rstrip('/')}/model_summary.txt")
+        return f"{lines[0]}; layers in {join_path(self.shown('job_dir'), 'model_summary.txt')}"
 
     def publish_job_files(self) -> None:
         """Plots, then metrics.json last: its presence says the run finished."""

@@ -87,7 +87,8 @@ def misclassified_png(images: np.ndarray, labels: np.ndarray, predictions: np.nd
     wrong = np.flatnonzero(labels != predictions)[:limit]
     columns = 5
     rows = max(1, int(np.ceil(len(wrong) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.8, rows * 2.0), squeeze=False,
+                                layout="constrained")
     for slot, axis in enumerate(axes.flat):
         axis.axis("off")
         if slot < len(wrong):
@@ -95,7 +96,7 @@ def misclassified_png(images: np.ndarray, labels: np.ndarray, predictions: np.nd
             axis.imshow(images[index], cmap="gray")
             axis.set_title(f"{class_names[labels[index]]} -> {class_names[predictions[index]]}", fontsize=8)
     if not len(wrong):
-        axes.flat[0].text(0.5, 0.5, "no misclassified examples", ha="center")
+        figure.text(0.5, 0.5, "no misclassified examples", ha="center", va="center")
     figure.suptitle("Misclassified validation examples (true -> predicted)", fontsize=9)
     return _figure_png(figure)
 

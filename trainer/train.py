@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from trainer import data as data_lib
 from trainer import finish
+from trainer import model as model_lib
 from trainer import observers as observers_lib
 from trainer import steps as steps_lib
 from trainer.checkpoints import Checkpoints
@@ -92,6 +93,7 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         f"{steps} steps of {config.batch_size} per epoch")
 
     state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights)
+    log(outputs.write_model_summary(model_lib.summary(state.model)))
     checkpoints = Checkpoints(config, outputs, state.checkpoint, steps)
     history = checkpoints.restore()
     initial_epoch, initial_step = checkpoints.position

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import List
 
 from trainer.atomic import write_json
 from tuning.space import DROPOUT, as_flags, trial_number
@@ -48,8 +49,11 @@ def write_hparams_view(rows: list, log_dir: str) -> None:
             hparams.hparams({name: row[name] for name in names}, trial_id=str(row["trial_id"]))
 
 
-def write_results(tuner, space, job_dir: str) -> str:
-    """Print the table and write the result files; returns the best_hyperparameters.json path."""
+def write_results(tuner, space, job_dir: str, retrain: List[str]) -> str:
+    """Print the table and write the result files; returns the best_hyperparameters.json path. The closing
+    line tells how to train the best configuration: `python -m trainer.task RETRAIN`."""
+    import shlex
+
     rows = _trial_rows(tuner)
     print_table(rows)
     best_trial = tuner.oracle.get_best_trials(1)[0]
@@ -60,6 +64,6 @@ def write_results(tuner, space, job_dir: str) -> str:
                       {"objective": "val_accuracy", "best_trial_id": trial_number(best_trial.trial_id),
                        "best_val_accuracy": best_trial.score, "trials": rows})
     write_hparams_view(rows, os.path.join(job_dir, "logs"))
-    print(f"best trial {trial_number(best_trial.trial_id)}: val_accuracy {best_trial.score:.4f}; wrote {best_path} "
-          f"(use: python -m trainer.task --hparams-file {best_path})", flush=True)
+    print(f"best trial {trial_number(best_trial.trial_id)}: val_accuracy {best_trial.score:.4f}; wrote {best_path}; "
+          f"train it with: {shlex.join(['python', '-m', 'trainer.task', *retrain])}", flush=True)
     return best_path

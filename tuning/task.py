@@ -23,7 +23,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Mapping, MutableMapping, Optional, Sequence
+from typing import List, Mapping, MutableMapping, Optional, Sequence
 
 from trainer.config import PRESETS, Config, HelpFormatter
 from trainer.errors import Interrupted, TrainerError
@@ -350,19 +350,29 @@ def _search(args, space, base, job_dir: str, project_dir: str, is_chief: bool) -
     tuner.search()
     if not is_chief:
         return 0
-    best = report.write_results(tuner, space, job_dir)
+    retrain = retrain_argv(base, os.path.join(job_dir, report.BEST_FILE), job_dir, args.retrain_epochs)
+    report.write_results(tuner, space, job_dir, retrain)
     if args.retrain:
+        import shlex
+
         from trainer import task as trainer_task
 
-        retrain = ["--hparams-file", best, "--dataset", base.dataset, "--preset", base.preset, "--seed",
-                   str(base.seed), "--validation-fraction", str(base.validation_fraction),
-                   "--job-dir", os.path.join(job_dir, "best"), "--no-resume"]
-        retrain += ["--epochs", str(args.retrain_epochs or PRESETS[base.preset]["epochs"])]
-        retrain += ["--data-dir", base.data_dir] if base.data_dir else []
-        retrain += ["--train-limit", str(base.train_limit)] if base.train_limit else []
-        print(f"retraining the best configuration: python -m trainer.task {' '.join(retrain)}", flush=True)
+        print(f"retraining the best configuration: {shlex.join(['python', '-m', 'trainer.task', *retrain])}",
+              flush=True)
         return trainer_task.main(retrain)
     return 0
+
+
+def retrain_argv(base, best_path: str, job_dir: str, epochs: Optional[int]) -> List[str]:
+    """`python -m trainer.task` arguments that train the best configuration on the search's data, its
+    settings and seed, for `epochs` (default: the preset's), into JOB_DIR/best: what --retrain runs and
+    what the search's closing line tells to run."""
+    from trainer.config import RECIPE, command_flags
+
+    # The recipe comes from the file; the search's own strategy (one process per trial) is not the run's.
+    data = command_flags(base, base.preset, skip=("strategy", *RECIPE))
+    return ["--hparams-file", best_path, *data, "--epochs", str(epochs or PRESETS[base.preset]["epochs"]),
+            "--job-dir", os.path.join(job_dir, "best"), "--no-resume"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
