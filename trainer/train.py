@@ -156,16 +156,17 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
                     train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment_at(epoch))))
             observers.on_epoch_begin(epoch)
+            carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
-                                         config.batch_size, observers, stop)
+                                         config.batch_size, observers, stop, carried)
             observers.on_steps_end(epoch)
             if sync_statistics is not None:  # every replica the same model before validation and saving
                 sync_statistics()
-            examples = result.examples(config.batch_size)
-            trained["seconds"] += result.seconds
-            trained["examples"] += examples
+            examples = result.examples(config.batch_size)  # the whole epoch's, across a mid-epoch resume
+            trained["seconds"] += result.run_seconds
+            trained["examples"] += result.run_examples(config.batch_size)
             if result.stopped and result.steps_done < steps:
-                saved = checkpoints.save_mid_epoch(epoch, result.steps_done)
+                saved = checkpoints.save_mid_epoch(epoch, result.steps_done, result.partial_sums(config.batch_size))
                 raise Interrupted(stop.exit_code, f"stopped by {stop.reason} at epoch {epoch + 1}, step "
                                                   f"{result.steps_done}/{steps}; checkpoint {saved}; rerun the same "
                                                   "command to resume")
