@@ -81,8 +81,12 @@ class Checkpoints:
     tf.Variables `epoch` (epochs completed), `step` (steps into the next epoch) and `partial` (the partial
     sums of those steps, trainer.steps.PARTIAL_SUMS)."""
 
-    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int):
+    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int, restorable=None, stash=None):
+        """`restorable`: the part of `checkpoint` every checkpoint of these settings holds (default: all of
+        it); `stash`: a trainer.steps.StatisticsStash saved with `checkpoint` when this replica count wrote it."""
         self.config, self.outputs, self.checkpoint = config, outputs, checkpoint
+        self.restorable = restorable or checkpoint
+        self.stash = stash
         self.steps_per_epoch = steps_per_epoch
         self._manager: Optional[Any] = None  # a tf.train.CheckpointManager once restore() has run
 
@@ -98,7 +102,9 @@ class Checkpoints:
         history = []
         if latest:
             self._refuse_other_settings(_json_load(os.path.join(source, RUN_CONFIG_FILE), {}))
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.restorable.restore(latest).assert_existing_objects_matched()
+            if self.stash is not None:  # absent when another replica count wrote the checkpoint
+                tf.train.Checkpoint(**{self.stash.key: self.stash.variables}).restore(latest).expect_partial()
             history = _json_load(os.path.join(source, HISTORY_FILE), [])
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
@@ -165,6 +171,8 @@ class Checkpoints:
         self.checkpoint.epoch.assign(epoch)
         self.checkpoint.step.assign(step)
         self.checkpoint.partial.assign(partial_sums)
+        if self.stash is not None:
+            self.stash.fill()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}, "
                      f"step {step}"):
             saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
@@ -177,6 +185,8 @@ class Checkpoints:
         self.checkpoint.epoch.assign(epoch + 1)
         self.checkpoint.step.assign(0)
         self.checkpoint.partial.assign(self.checkpoint.partial.numpy() * 0.0)
+        if self.stash is not None:
+            self.stash.empty()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}",
                      f"the last saved one is kept: {self.latest or 'none yet'}"):
             self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)

@@ -34,7 +34,9 @@ class TrainState:
     epoch: object  # tf.Variable: epochs completed
     step: object  # tf.Variable: steps completed in the current epoch (non-zero only after a mid-epoch stop)
     partial: object  # tf.Variable: PARTIAL_SUMS of those steps, so a resumed epoch's figures cover all of it
-    checkpoint: object  # tf.train.Checkpoint of all the above and the model's random-number states
+    checkpoint: object  # tf.train.Checkpoint of all the above, the model's random-number states and the stash
+    restorable: object  # the same without the stash: what every checkpoint of these settings must match
+    stash: Optional["StatisticsStash"] = None
 
 
 # What a mid-epoch checkpoint keeps of the interrupted epoch's steps, in this order.
@@ -88,9 +90,12 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
         partial = tf.Variable(tf.zeros(len(PARTIAL_SUMS), tf.float64), trainable=False, name="epoch_partial_sums")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, step=step, partial=partial,
-                                     random=random_states(model))
-    return TrainState(model, optimizer, epoch, step, partial, checkpoint)
+        stash = StatisticsStash.make(strategy, model)
+    parts = dict(model=model, optimizer=optimizer, epoch=epoch, step=step, partial=partial,
+                 random=random_states(model))
+    restorable = tf.train.Checkpoint(**parts)
+    checkpoint = tf.train.Checkpoint(**parts, **({stash.key: stash.variables} if stash else {}))
+    return TrainState(model, optimizer, epoch, step, partial, checkpoint, restorable, stash)
 
 
 def random_states(model) -> list:
@@ -99,6 +104,66 @@ def random_states(model) -> list:
     resumed run would draw the masks of the run's first steps again, not those of the step it resumes at."""
     weights = {id(weight) for weight in model.weights}
     return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _moving_statistics(model) -> list:
+    import keras
+
+    return [variable for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+            for variable in (layer.moving_mean, layer.moving_variance)]
+
+
+class StatisticsStash:
+    """Every replica's own batch-norm moving statistics, for a mid-epoch checkpoint.
+
+    Each replica updates its statistics from its own shard until they are averaged at the epoch's end
+    (`make_statistics_sync`); a checkpoint keeps one replica's copy. So that a run resumed mid-epoch goes on
+    with every replica's own statistics, a mid-epoch stop gathers all of them into these variables (one
+    all-gather), and a resume hands each replica its own row. The key names the replica count: a checkpoint
+    resumed with another count finds no stash of its own and starts from the chief's statistics."""
+
+    def __init__(self, strategy, statistics: list):
+        import tensorflow as tf
+
+        replicas = strategy.num_replicas_in_sync
+        self.key = f"replica_statistics_{replicas}"
+        self.held = tf.Variable(0, dtype=tf.int64, trainable=False, name="stash_held")  # 1 once filled
+        self.rows = [tf.Variable(tf.zeros([replicas, *variable.shape], variable.dtype), trainable=False,
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, name="stash")
+                     for variable in statistics]
+        self.variables = dict(held=self.held, rows=self.rows)
+
+        def gather():
+            context = tf.distribute.get_replica_context()
+            for variable, rows in zip(statistics, self.rows, strict=True):
+                rows.assign(context.all_gather(tf.identity(variable.value)[tf.newaxis], axis=0))
+
+        def hand_out():
+            context = tf.distribute.get_replica_context()
+            for variable, rows in zip(statistics, self.rows, strict=True):
+                variable.assign(tf.gather(rows, context.replica_id_in_sync_group))  # this replica's own copy
+
+        self._gather = tf.function(lambda: strategy.run(gather))
+        self._hand_out = tf.function(lambda: strategy.run(hand_out))
+
+    @classmethod
+    def make(cls, strategy, model) -> Optional["StatisticsStash"]:
+        """Inside the strategy's scope; None when there is nothing per replica (one replica, no batch norm)."""
+        statistics = _moving_statistics(model)
+        return cls(strategy, statistics) if strategy.num_replicas_in_sync > 1 and statistics else None
+
+    def fill(self) -> None:
+        """Before a mid-epoch save (a collective: every worker calls it)."""
+        self._gather()
+        self.held.assign(1)
+
+    def hand_out(self) -> None:
+        """After restoring a mid-epoch checkpoint that holds a stash of this replica count."""
+        if int(self.held.numpy()):
+            self._hand_out()
+
+    def empty(self) -> None:
+        self.held.assign(0)
 
 
 def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_compile: Optional[bool] = None):
@@ -154,11 +219,9 @@ def make_statistics_sync(strategy, model):
     without this the workers of a cluster end with different models and the chief exports its own.
     Averaging once per epoch, before validation and checkpoints, costs one small all-reduce per epoch.
     """
-    import keras
     import tensorflow as tf
 
-    statistics = [variable for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-                  for variable in (layer.moving_mean, layer.moving_variance)]
+    statistics = _moving_statistics(model)
     if strategy.num_replicas_in_sync < 2 or not statistics:
         return None
 
