@@ -138,10 +138,10 @@ def _shared_job(tmp_path):
     return [str(tmp_path / "job")] * 2, tmp_dirs
 
 
-def _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path):
+def _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path, preset="seed"):
     """Rerun both workers with the same command after a stop; returns the chief's metrics."""
     logs = [str(tmp_path / "b0.log"), str(tmp_path / "b1.log")]
-    assert _wait(_start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs)) == [0, 0]
+    assert _wait(_start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs, preset=preset)) == [0, 0]
     outputs = [open(log).read() for log in logs]
     assert all("resuming from" in output for output in outputs)
     assert checksum(outputs[0]) == checksum(outputs[1])
@@ -207,6 +207,81 @@ def test_resuming_with_other_model_settings_is_refused(digits_idx, tmp_path):
     code, out, err = run_task(base + ["--epochs", "1", "--dropout", "0.3", "--no-resume"])
     assert code == 0, err
     assert read_metrics(job_dir)["initial_epoch"] == 0
+
+
+def test_a_checkpoint_of_an_older_format_is_refused_with_one_line(digits_idx, tmp_path):
+    """A checkpoint without the random-number state (format 2) cannot resume exactly: one line, exit 1."""
+    job_dir = str(tmp_path / "job")
+    base = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600", "--job-dir", job_dir]
+    assert run_task(base + ["--epochs", "1"])[0] == 0
+    run_config = os.path.join(job_dir, "checkpoints", "run_config.json")
+    saved = json.load(open(run_config))
+    assert saved["checkpoint_format"] == 3
+    json.dump(dict(saved, checkpoint_format=2), open(run_config, "w"))
+    code, _, err = run_task(base + ["--epochs", "2"])
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"--checkpoint-dir {job_dir}/checkpoints: holds a checkpoint of format 2" in err and "--no-resume" in err
+    assert run_task(base + ["--epochs", "2", "--no-resume"])[0] == 0
+
+
+def _history(job_dir):
+    return json.load(open(os.path.join(job_dir, "checkpoints", "history.json")))
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_is_bit_exact_and_its_epoch_row_covers_the_whole_epoch(digits_idx, tmp_path):
+    """The default recipe (dropout, batch norm, random shifts): the same run uninterrupted, and stopped by
+    SIGTERM inside epoch 2 then rerun, end with the same weights; epoch 2's row (training loss and accuracy
+    over all of its steps, validation) is the same in both."""
+    args = ["--dataset", f"idx:{digits_idx}", "--preset", "default", "--epochs", "2", "--batch-size", "32",
+            "--train-limit", "3000", "--intra-op-threads", "1"]
+    plain = run_cli(args + ["--job-dir", str(tmp_path / "plain")])
+    assert plain.returncode == 0, plain.stderr
+    job = ["--job-dir", str(tmp_path / "job")]
+    log = str(tmp_path / "first.log")
+    process = signal_after_first_epoch(args + job, log, signal.SIGTERM, epochs=2)
+    assert process.wait(timeout=30) == 143
+    stop = re.search(r"^stopped by SIGTERM at epoch 2, step (\d+)/(\d+); checkpoint ", open(log).read(), re.M)
+    assert stop and 0 < int(stop.group(1)) < int(stop.group(2)), open(log).read()[-2000:]
+    rerun = run_cli(args + job)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming from {tmp_path / 'job'}/checkpoints at epoch 2, step {stop.group(1)}" in rerun.stdout
+    assert checksum(rerun.stdout) == checksum(plain.stdout)
+    assert _history(str(tmp_path / "job")) == _history(str(tmp_path / "plain"))
+    metrics = read_metrics(str(tmp_path / "job"))
+    assert metrics["history"] == read_metrics(str(tmp_path / "plain"))["history"]
+    assert (metrics["initial_epoch"], metrics["initial_step"]) == (1, int(stop.group(1)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["seed", "default"])
+def test_sigterm_to_both_workers_mid_epoch_stops_them_at_one_step_and_the_resume_is_bit_exact(digits_idx,
+                                                                                               tmp_path, preset):
+    """Vertex AI's preemption of a cluster: SIGTERM to every worker inside epoch 2. Both stop at the same
+    step with a checkpoint, exit 143 well within Vertex AI's 30 s and export nothing; rerun, they end with
+    the weights of an uninterrupted run. The default recipe adds batch norm, whose moving statistics each
+    worker keeps for its own shard until the epoch's end: they must survive the stop too."""
+    extra = ["--epochs", "2", "--batch-size", "32", "--train-limit", "2000"]
+    plain_dirs, plain_tmp = _shared_job(tmp_path / "plain")
+    plain_logs = [str(tmp_path / "p0.log"), str(tmp_path / "p1.log")]
+    assert _wait(_start_workers(digits_idx, plain_dirs, extra, plain_logs, plain_tmp, preset=preset)) == [0, 0]
+    job_dirs, tmp_dirs = _shared_job(tmp_path)
+    logs = [str(tmp_path / "a0.log"), str(tmp_path / "a1.log")]
+    processes = _start_workers(digits_idx, job_dirs, extra, logs, tmp_dirs, preset=preset)
+    for log, process in zip(logs, processes, strict=True):
+        wait_for_line(log, "epoch 1/2", process)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    assert _wait(processes, timeout=60) == [143, 143]
+    assert time.monotonic() - signalled < 30
+    stops = [re.findall(r"^stopped by SIGTERM at epoch 2, step (\d+)/56; ", open(log).read(), re.M) for log in logs]
+    assert stops[0] and stops[0] == stops[1], [open(log).read()[-1500:] for log in logs]
+    assert not os.path.exists(os.path.join(job_dirs[0], "model"))
+    metrics = _rerun_resumes_with_equal_checksums(digits_idx, job_dirs, extra, tmp_dirs, tmp_path, preset)
+    assert (metrics["initial_epoch"], metrics["initial_step"]) == (1, int(stops[0][0]))
+    assert checksum(open(str(tmp_path / "b0.log")).read()) == checksum(open(plain_logs[0]).read())
+    assert metrics["history"] == read_metrics(plain_dirs[0])["history"]
 
 
 @pytest.mark.slow

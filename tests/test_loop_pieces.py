@@ -87,7 +87,8 @@ def _checkpoints(job_dir, **settings):
 
     config = Config(job_dir=job_dir, preset="seed", dataset="idx:/data", **settings)
     outputs = prepare_outputs(config)
-    counters = tf.train.Checkpoint(epoch=tf.Variable(0, dtype=tf.int64), step=tf.Variable(0, dtype=tf.int64))
+    counters = tf.train.Checkpoint(epoch=tf.Variable(0, dtype=tf.int64), step=tf.Variable(0, dtype=tf.int64),
+                                   partial=tf.Variable(tf.zeros(4, tf.float64)))
     return Checkpoints(config, outputs, counters, steps_per_epoch=5), outputs
 
 
@@ -124,12 +125,13 @@ def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tm
     run_config = os.path.join(job_dir, "checkpoints", "run_config.json")
     with open(run_config) as handle:
         saved = json.load(handle)
-    assert saved.pop("checkpoint_format") == 2
-    with open(run_config, "w") as handle:  # as an earlier trainer wrote it, for an augmented model
-        json.dump(dict(saved, augment="shift"), handle)
+    assert saved.pop("checkpoint_format") == 3
+    with open(run_config, "w") as handle:  # as an earlier trainer wrote it, without checkpoint_format
+        json.dump(saved, handle)
     checkpoints, outputs = _checkpoints(job_dir)
     try:
-        with pytest.raises(TrainerError, match="a checkpoint from an earlier version of the trainer"):
+        with pytest.raises(TrainerError, match="holds a checkpoint of format 1 from an earlier version of the "
+                                               "trainer .*; pass --no-resume to start fresh or use another --job-dir"):
             checkpoints.restore()
     finally:
         outputs.close()

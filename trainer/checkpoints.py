@@ -17,9 +17,10 @@ from trainer import atomic, model_folder
 from trainer.config import RESUME_KEYS, Config
 from trainer.errors import TrainerError, writing
 
-# 2: the model holds no augmentation layers (augmentation runs in the input pipeline); a format-1
-# checkpoint of an augmented model holds layers this model lacks.
-CHECKPOINT_FORMAT = 2
+# 2: the model holds no augmentation layers (augmentation runs in the input pipeline).
+# 3: the checkpoint also holds the model's random-number states (Dropout's seed generator) and a
+# mid-epoch stop's partial sums; an older one would resume with the masks of the run's first steps.
+CHECKPOINT_FORMAT = 3
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 MAX_TO_KEEP = 2
@@ -77,10 +78,15 @@ def finished_run(config: Config) -> dict:
 
 class Checkpoints:
     """Owns one run's checkpoint folder. `checkpoint` is a tf.train.Checkpoint holding at least the
-    tf.Variables `epoch` (epochs completed) and `step` (steps into the next epoch)."""
+    tf.Variables `epoch` (epochs completed), `step` (steps into the next epoch) and `partial` (the partial
+    sums of those steps, trainer.steps.PARTIAL_SUMS)."""
 
-    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int):
+    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int, restorable=None, stash=None):
+        """`restorable`: the part of `checkpoint` every checkpoint of these settings holds (default: all of
+        it); `stash`: a trainer.steps.StatisticsStash saved with `checkpoint` when this replica count wrote it."""
         self.config, self.outputs, self.checkpoint = config, outputs, checkpoint
+        self.restorable = restorable or checkpoint
+        self.stash = stash
         self.steps_per_epoch = steps_per_epoch
         self._manager: Optional[Any] = None  # a tf.train.CheckpointManager once restore() has run
 
@@ -96,7 +102,9 @@ class Checkpoints:
         history = []
         if latest:
             self._refuse_other_settings(_json_load(os.path.join(source, RUN_CONFIG_FILE), {}))
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.restorable.restore(latest).assert_existing_objects_matched()
+            if self.stash is not None:  # absent when another replica count wrote the checkpoint
+                tf.train.Checkpoint(**{self.stash.key: self.stash.variables}).restore(latest).expect_partial()
             history = _json_load(os.path.join(source, HISTORY_FILE), [])
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
@@ -109,9 +117,11 @@ class Checkpoints:
         return history
 
     def _refuse_other_settings(self, saved: dict) -> None:
-        if saved and saved.get("checkpoint_format", 1) < 2 and saved.get("augment", "none") != "none":
-            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint from an earlier "
-                               "version of the trainer, whose augmented model had layers this one has not; pass "
+        made_with = saved.get("checkpoint_format", 1)
+        if made_with < CHECKPOINT_FORMAT:
+            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint of format "
+                               f"{made_with} from an earlier version of the trainer (this one writes format "
+                               f"{CHECKPOINT_FORMAT}, with the random-number state that makes a resume exact); pass "
                                "--no-resume to start fresh or use another --job-dir")
         wanted = resume_settings(self.config)
         differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
@@ -132,6 +142,13 @@ class Checkpoints:
         return int(self.checkpoint.epoch.numpy()), int(self.checkpoint.step.numpy())
 
     @property
+    def carried(self) -> dict:
+        """The partial sums of the steps before a mid-epoch position (zeros at an epoch's start)."""
+        from trainer.steps import PARTIAL_SUMS
+
+        return dict(zip(PARTIAL_SUMS, (float(value) for value in self.checkpoint.partial.numpy()), strict=True))
+
+    @property
     def manager(self):
         if self._manager is None:
             raise RuntimeError("Checkpoints.restore() must run before a checkpoint is saved")
@@ -148,10 +165,14 @@ class Checkpoints:
             return self.config.checkpoint_dir.rstrip("/") + "/" + path[len(staged):].lstrip(os.sep)
         return path
 
-    def save_mid_epoch(self, epoch: int, step: int) -> str:
-        """After a stop signal inside an epoch: the exact step, to resume from it."""
+    def save_mid_epoch(self, epoch: int, step: int, partial_sums: List[float]) -> str:
+        """After a stop signal inside an epoch: the exact step, to resume from it, and the epoch's partial
+        sums so far (trainer.steps.PARTIAL_SUMS)."""
         self.checkpoint.epoch.assign(epoch)
         self.checkpoint.step.assign(step)
+        self.checkpoint.partial.assign(partial_sums)
+        if self.stash is not None:
+            self.stash.fill()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}, "
                      f"step {step}"):
             saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
@@ -163,6 +184,9 @@ class Checkpoints:
         """After epoch `epoch` (0-based) completed: the checkpoint, then history.json, then the gs:// sync."""
         self.checkpoint.epoch.assign(epoch + 1)
         self.checkpoint.step.assign(0)
+        self.checkpoint.partial.assign(self.checkpoint.partial.numpy() * 0.0)
+        if self.stash is not None:
+            self.stash.empty()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}",
                      f"the last saved one is kept: {self.latest or 'none yet'}"):
             self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)

@@ -366,6 +366,8 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
 
         wait_for_peers(tf_config, cluster_wait, log, RunSignals.current)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        if RunSignals.current is not None:
+            RunSignals.current.reclaim()  # the strategy took SIGTERM over
         return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, len(training_tasks(tf_config)))
     if name == "tpu":
         return Resolved(_connect_tpu(attached_tpu(environ, tpu) or "local"), "tpu")

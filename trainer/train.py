@@ -94,9 +94,11 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
 
     state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights)
     log(outputs.write_model_summary(model_lib.summary(state.model)))
-    checkpoints = Checkpoints(config, outputs, state.checkpoint, steps)
+    checkpoints = Checkpoints(config, outputs, state.checkpoint, steps, state.restorable, state.stash)
     history = checkpoints.restore()
     initial_epoch, initial_step = checkpoints.position
+    if initial_step and state.stash is not None:
+        state.stash.hand_out()  # every replica's own batch-norm statistics, as at the stop
     if initial_epoch or initial_step:
         log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
     predict = steps_lib.make_predict_function(state.model, extras.jit_compile)
@@ -158,19 +160,20 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
                     train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment_at(epoch))))
             observers.on_epoch_begin(epoch)
+            carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
-                                         config.batch_size, observers, stop)
+                                         config.batch_size, observers, stop, carried)
             observers.on_steps_end(epoch)
-            if sync_statistics is not None:  # every replica the same model before validation and saving
-                sync_statistics()
-            examples = result.examples(config.batch_size)
-            trained["seconds"] += result.seconds
-            trained["examples"] += examples
-            if result.stopped and result.steps_done < steps:
-                saved = checkpoints.save_mid_epoch(epoch, result.steps_done)
+            examples = result.examples(config.batch_size)  # the whole epoch's, across a mid-epoch resume
+            trained["seconds"] += result.run_seconds
+            trained["examples"] += result.run_examples(config.batch_size)
+            if result.stopped and result.steps_done < steps:  # each replica's statistics kept as they are
+                saved = checkpoints.save_mid_epoch(epoch, result.steps_done, result.partial_sums(config.batch_size))
                 raise Interrupted(stop.exit_code, f"stopped by {stop.reason} at epoch {epoch + 1}, step "
                                                   f"{result.steps_done}/{steps}; checkpoint {saved}; rerun the same "
                                                   "command to resume")
+            if sync_statistics is not None:  # every replica the same model before validation and saving
+                sync_statistics()
             val_loss, val_accuracy, trained["val_predictions"] = steps_lib.evaluate(predict, *splits.validation)
             steps_lib.check_loss(val_loss, "validation loss", f"the end of epoch {epoch + 1}")
             row = dict(epoch=epoch + 1, loss=result.loss_sum / examples, accuracy=result.correct / examples,
