@@ -1,6 +1,6 @@
 """Predict on Fashion-MNIST's own test images as image files, against the model's serving signature.
 
-    python bench/predict_fashion.py --model-dir RUN/model --out DIR [--count 300] [--idx FOLDER]
+    python bench/predict_fashion.py --model-dir RUN/model --images DIR [--count 300] [--idx FOLDER]
 
 Writes the first --count test images in several forms under DIR and classifies each set with
 `python -m trainer.predict` (a fresh process, as a user runs it):
@@ -71,7 +71,7 @@ def run_predict(model_dir, paths):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--images", required=True, help="folder for the image files it writes")
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--idx", default=FASHION)
     args = parser.parse_args()
@@ -86,8 +86,8 @@ def main():
     served = serving(image=tf.constant(images))["classes"].numpy()
     n, right = len(labels), int((served == labels).sum())
     print(f"| serving_default on the arrays | {right}/{n} ({right / n:.1%}) | - | - |")
-    sets = write_sets(images, args.out)
-    legacy = os.path.join(args.out, "model-without-training-images")
+    sets = write_sets(images, args.images)
+    legacy = os.path.join(args.images, "model-without-training-images")
     shutil.rmtree(legacy, ignore_errors=True)
     shutil.copytree(args.model_dir, legacy, ignore=shutil.ignore_patterns("training_images.json"))
     runs = [(name, args.model_dir, paths) for name, paths in sets.items()]

@@ -285,7 +285,7 @@ def test_a_named_pipe_a_device_or_a_folder_is_refused_at_once(seed_run, tmp_path
     os.mkfifo(fifo)
     expected = {fifo: "not a regular file (a named pipe), so not read as an image",
                 "/dev/null": "not a regular file (a device), so not read as an image",
-                str(tmp_path): "a folder, not an image file"}
+                str(tmp_path): "not a regular file (a folder), so not read as an image"}
     for path, problem in expected.items():
         started = time.perf_counter()
         result = run_predict(["--model-dir", model_dir_of(seed_run), path])

@@ -77,7 +77,7 @@ def image_source(path: str) -> Source:
     if stat.S_ISREG(mode):
         return path
     if stat.S_ISDIR(mode):
-        raise TrainerError(f"{path}: a folder, not an image file")
+        raise TrainerError(f"{path}: not a regular file (a folder), so not read as an image")
     if stat.S_ISFIFO(mode) and _INHERITED.match(os.path.abspath(path)):
         return _read_pipe(path)
     kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
