@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_images_without_ink_are_refused(tmp_path):
     from trainer.predict import load_image
 
     for path in write_blank_images(str(tmp_path)).values():
-        with pytest.raises(TrainerError, match="no ink found") as caught:
+        with pytest.raises(TrainerError, match="nothing to classify") as caught:
             load_image(path)
         assert str(caught.value).startswith(path), caught.value
 
@@ -206,7 +207,7 @@ def test_a_bad_file_is_one_error_line(seed_run, digits, tmp_path, kind):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: "), result.stderr
-    expected = {"blank": "no ink found", "bad checksum": "checksum",
+    expected = {"blank": "nothing to classify", "bad checksum": "checksum",
                 "bomb": "refused: 10,000x10,000 pixels to decode, more than the 89,478,485 allowed",
                 "bigger bomb": "refused: 20,000x20,000 pixels to decode, more than the 89,478,485 allowed"}[kind]
     assert expected in result.stderr
@@ -251,7 +252,7 @@ def test_big_images_are_read_in_bounded_time_and_memory(tmp_path):
     del photo
 
     seconds, megabytes, outcome = load_image_cost(under)
-    assert outcome.endswith("no ink found: the image is blank or a single colour"), outcome
+    assert outcome.endswith("nothing to classify: the image is blank or a single colour"), outcome
     assert seconds < 20 and megabytes < 1_000, (seconds, megabytes)  # measured 1.3 s, 650 MB
     seconds, megabytes, outcome = load_image_cost(phone)
     assert outcome == "digit 28" and seconds < 10 and megabytes < 300, (seconds, megabytes, outcome)
@@ -278,6 +279,37 @@ def test_good_files_are_still_classified_among_bad_ones(seed_run, image_set, dig
     assert "Traceback" not in result.stderr
 
 
+def test_a_named_pipe_a_device_or_a_folder_is_refused_at_once(seed_run, tmp_path):
+    """Not opened at all: a named pipe with no writer would block the open for ever."""
+    fifo = str(tmp_path / "image.png")
+    os.mkfifo(fifo)
+    expected = {fifo: "not a regular file (a named pipe), so not read as an image",
+                "/dev/null": "not a regular file (a device), so not read as an image",
+                str(tmp_path): "not a regular file (a folder), so not read as an image"}
+    for path, problem in expected.items():
+        started = time.perf_counter()
+        result = run_predict(["--model-dir", model_dir_of(seed_run), path])
+        assert time.perf_counter() - started < 20  # no waiting (a Python start and the model's checks)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr == f"error: {path}: {problem}\n", result.stderr
+
+
+@pytest.mark.slow
+def test_an_image_through_a_pipe_is_read(seed_run, image_set, tmp_path):
+    """`<(cat x.png)` (bash's process substitution, /dev/fd/63) is classified as the file itself is; a pipe that
+    ends without a byte is refused with that cause."""
+    paths, _ = image_set
+    script = 'exec "$0" -m trainer.predict --model-dir "$1" "$2" <(cat "$3") <(true)'
+    result = subprocess.run(["bash", "-c", script, sys.executable, model_dir_of(seed_run), paths["photo"][3],
+                             paths["photo"][3]], cwd=ROOT_DIR, env=trainer_env(), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 1, result.stderr
+    (_, *direct), (piped_path, *piped) = (line.split("\t") for line in result.stdout.splitlines())
+    assert piped_path.startswith("/dev/fd/") and direct == piped, result.stdout
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: /dev/fd/")
+    assert result.stderr.endswith(": a pipe that ended without sending anything, so no image\n"), result.stderr
+
+
 def test_help_is_instant_and_imports_no_tensorflow():
     code = ("import sys\nfrom trainer import predict\n"
             "try:\n    predict.main(['--help'])\nexcept SystemExit:\n    pass\n"
@@ -286,6 +318,7 @@ def test_help_is_instant_and_imports_no_tensorflow():
                             text=True, timeout=60)
     assert result.stdout.strip().endswith("False"), result.stdout + result.stderr
     assert "--show" in result.stdout and "gs://" in result.stdout
+    assert "digit" not in result.stdout  # the command serves any model the trainer exports
 
 
 def _write_inverted_off_centre_png(path, image):

@@ -1,6 +1,7 @@
 """The export: a SavedModel whose `serving_default` signature takes raw uint8 pixels, a .keras copy of the
-network with stock layers, and the class names, written beside the model folder and swapped in whole
-(trainer.model_folder), so an interrupted export never leaves half a model where a good one was.
+network with stock layers, the class names and how the training images are made (training_images.json),
+written beside the model folder and swapped in whole (trainer.model_folder), so an interrupted export never
+leaves half a model where a good one was.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Sequence
+from typing import Optional, Sequence
 
 from trainer import atomic, model_folder
 from trainer.images import IMAGE_SIZE
@@ -33,8 +34,9 @@ def serving_function(model):
     return serve
 
 
-def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
-    """SavedModel (`serving_default`: uint8 image [N,28,28] -> classes [N] int64, probabilities [N,10])."""
+def export_model(model, model_dir: str, class_names: Sequence[str], training_images: Optional[dict] = None) -> None:
+    """SavedModel (`serving_default`: uint8 image [N,28,28] -> classes [N] int64, probabilities [N,10]);
+    `training_images` (from `images.describe_images`) goes to training_images.json when given."""
     import keras
 
     from trainer.model import stock_model
@@ -49,6 +51,8 @@ def export_model(model, model_dir: str, class_names: Sequence[str]) -> None:
         stock_model(model).save(os.path.join(staged, model_folder.KERAS_FILE))
         with open(os.path.join(staged, model_folder.CLASS_NAMES_FILE), "w") as out:
             json.dump(list(class_names), out)
+        if training_images is not None:
+            model_folder.write_training_images(staged, training_images)
         atomic.make_readable(staged, directory=True)
         model_folder.swap_in(staged, os.path.abspath(model_dir.rstrip("/")))
     except BaseException:

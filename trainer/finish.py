@@ -10,6 +10,7 @@ import numpy as np
 from trainer import atomic, export, plots
 from trainer.config import Config
 from trainer.errors import writing
+from trainer.images import describe_images
 
 
 def weights_checksum(model) -> str:
@@ -57,7 +58,7 @@ def write_outputs(config: Config, outputs, model, splits, metrics: dict, predict
     summaries.image("misclassified", misclassified, step=config.epochs)
     with writing(f"--model-dir {config.model_dir}: cannot write the model",
                  "the previous model there, if any, is untouched; the checkpoints are kept, so a rerun exports again"):
-        export.export_model(model, outputs.model_dir, splits.class_names)
+        export.export_model(model, outputs.model_dir, splits.class_names, describe_images(splits.train[0]))
     if not outputs.is_chief:
         return
     outputs.publish_model()

@@ -1,6 +1,7 @@
 """What an exported model folder is: the files an export writes, how a new export replaces an old one
 without a moment of half a model, what an export killed part-way leaves behind, when a folder (local or
-gs://) holds a complete model, and the checks a folder passes before TensorFlow loads it.
+gs://) holds a complete model, the checks a folder passes before TensorFlow loads it, and
+training_images.json, the export's description of the images the model was trained on.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 from trainer import storage
 from trainer.errors import TrainerError, require_tensorflow
@@ -19,11 +21,12 @@ from trainer.joblock import process_alive
 
 SAVED_MODEL = "saved_model.pb"
 CLASS_NAMES_FILE = "class_names.json"
+TRAINING_IMAGES_FILE = "training_images.json"
 KERAS_FILE = "model.keras"
 SIGNATURE = "serving_default"
 # What an export writes into a model folder (`_SUCCESS` comes with a gs:// publish).
 EXPORT_NAMES = {SAVED_MODEL, "fingerprint.pb", "variables", "assets", KERAS_FILE, CLASS_NAMES_FILE,
-                storage.SUCCESS_MARKER}
+                TRAINING_IMAGES_FILE, storage.SUCCESS_MARKER}
 
 
 def is_exported_model(names) -> bool:
@@ -151,10 +154,14 @@ def _success_generation(url: str) -> Optional[int]:
     return None if marker is None else int(marker.generation or 0)
 
 
-def data_files(local: str) -> List[str]:
+def data_files(local: str, shown: str = "") -> List[str]:
     """The variables' data shards the folder should have (`variables/variables.data-0000i-of-0000N`)."""
     folder = os.path.join(local, "variables")
-    counts = [int(match.group(1)) for match in map(_DATA_FILE.match, os.listdir(folder)) if match]
+    try:
+        entries = os.listdir(folder)
+    except OSError as error:  # unreadable, a file, a symbolic link loop, a path through a file
+        raise fault(shown or local, f"cannot read variables/ ({error.strerror or type(error).__name__})") from None
+    counts = [int(match.group(1)) for match in map(_DATA_FILE.match, entries) if match]
     shards = max(counts, default=1)
     return [f"variables/variables.data-{shard:05d}-of-{shards:05d}" for shard in range(shards)]
 
@@ -178,9 +185,16 @@ def check_model_files(local: str, shown: str) -> None:
     if not os.path.exists(os.path.join(local, SAVED_MODEL)):
         raise fault(shown, "no saved_model.pb there (point it at a run's model/ folder)")
     _require_file(local, SAVED_MODEL, shown)
-    if not os.path.isdir(os.path.join(local, "variables")):
+    variables = os.path.join(local, "variables")
+    if not os.path.lexists(variables):
         raise fault(shown, "variables/ is missing, so the model has no weights")
-    for name in [INDEX_FILE, *data_files(local)]:
+    try:
+        mode = os.stat(variables).st_mode
+    except OSError as error:  # a symbolic link loop, or one to a path through a file
+        raise fault(shown, f"cannot read variables/ ({error.strerror or type(error).__name__})") from None
+    if not stat.S_ISDIR(mode):
+        raise fault(shown, "variables is a file, not the folder of the model's weights")
+    for name in [INDEX_FILE, *data_files(local, shown)]:
         _require_file(local, name, shown)
 
 
@@ -217,6 +231,65 @@ def read_class_names(local: str, shown: str) -> List[str]:
             what = "an empty string" if isinstance(name, str) else _json_kind(name)
             raise fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {what}, not a name")
     return names
+
+
+class TrainingImages(NamedTuple):
+    """How the images a model was trained on are made (training_images.json; see `images.describe_images`)."""
+
+    background: str  # "dark" or "light"
+    background_level: int  # 0..255, the median grey of the images' outermost ring of pixels
+    object_side: int  # pixels: the longest side of the object's box (20 for MNIST's digits, 28 for garments)
+    centring: str  # "mass": centre of mass at the frame's centre (MNIST); "box": the box centred (Fashion-MNIST)
+
+
+TRAINING_IMAGES_VERSION = 1
+_CHOICES = dict(background=("dark", "light"), centring=("mass", "box"))
+_RANGES = dict(background_level=(0, 255), object_side=(1, IMAGE_SIZE))
+
+
+def write_training_images(folder: str, description: dict) -> None:
+    """training_images.json in an export's folder: `description` (from `images.describe_images`) and its version.
+    Readers ignore keys they do not know, so later versions may add some (the image shape, its channels)."""
+    with open(os.path.join(folder, TRAINING_IMAGES_FILE), "w", encoding="utf-8") as out:
+        json.dump({"version": TRAINING_IMAGES_VERSION, **description}, out, indent=1)
+        out.write("\n")
+
+
+def read_training_images(local: str, shown: str) -> Optional[TrainingImages]:
+    """training_images.json checked, or None when the folder has none (a model exported before the file
+    existed: its images are taken as MNIST's digits)."""
+    path = os.path.join(local, TRAINING_IMAGES_FILE)
+    name = TRAINING_IMAGES_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            described = json.load(handle)
+    except IsADirectoryError:
+        raise fault(shown, f"{name} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise fault(shown, f"{name} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise fault(shown, f"{name} is not valid JSON ({error.msg} at line {error.lineno} "
+                            f"column {error.colno})") from None
+    except OSError as error:
+        raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+    if not isinstance(described, dict):
+        raise fault(shown, f"{name} holds {_json_kind(described)}, not an object")
+    version = described.get("version")
+    if version != TRAINING_IMAGES_VERSION:
+        raise fault(shown, f"{name} is version {json.dumps(version)}, not {TRAINING_IMAGES_VERSION}: "
+                            "written by another release of the trainer")
+    for key, choices in _CHOICES.items():
+        if described.get(key) not in choices:
+            wanted = " or ".join(json.dumps(choice) for choice in choices)
+            raise fault(shown, f"{name}: {key} is {json.dumps(described.get(key))}, not {wanted}")
+    for key, (low, high) in _RANGES.items():
+        value = described.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise fault(shown, f"{name}: {key} is {json.dumps(value)}, not a whole number from {low} to {high}")
+    return TrainingImages(background=described["background"], background_level=described["background_level"],
+                          object_side=described["object_side"], centring=described["centring"])
 
 
 def _parse(local: str, name: str, message, what: str, shown: str):
