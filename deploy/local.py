@@ -16,7 +16,8 @@ Vertex AI gives a replica:
 
 Two rewrites, and only these: host names become 127.0.0.1 with free ports, and `/gcs/BUCKET/...` (Cloud
 Storage FUSE) in args and env values becomes `GCS_ROOT/BUCKET/...`, a local folder. `gs://` stays as it
-is: real Cloud Storage with credentials, or any emulator through STORAGE_EMULATOR_HOST. A container's
+is: real Cloud Storage with credentials, or the emulator STORAGE_EMULATOR_HOST names in `environ` (one the
+caller runs, or the one deploy/local_storage.py starts for the job). A container's
 empty command is the project image's entry point (`python -m trainer.task`, the Dockerfile's ENTRYPOINT),
 run from this checkout with this Python. A python_package_spec runs `python -m PYTHON_MODULE ARGS` with
 `Options.python`, the interpreter of the virtual environment its sdist is installed in

@@ -10,8 +10,9 @@ emulator that the runner starts and stops itself.
   `./local-buckets`): object `gs://BUCKET/a/b` is the file `local-buckets/BUCKET/a/b` (its metadata in the
   file's extended attributes), so the objects outlive the job and a rerun finds them (and resumes from its
   checkpoints). The buckets the request names are created, every replica gets STORAGE_EMULATOR_HOST, and the
-  emulator is stopped when the job ends, also on Ctrl-C, SIGTERM and a failure; on Linux it is also told to
-  stop when the runner dies (prctl PR_SET_PDEATHSIG);
+  emulator is stopped when the job ends, also on Ctrl-C, SIGTERM and a failure (then the empty folders that
+  deleted objects left in the buckets' folders are removed); on Linux it is also told to stop when the
+  runner dies (prctl PR_SET_PDEATHSIG);
 - `auto` (default): an emulator the caller already runs (STORAGE_EMULATOR_HOST set, which the trainer
   prefers to credentials too), else `google` when credentials exist, else `emulator`.
 
@@ -259,6 +260,18 @@ def _reason(line: str) -> str:
     return ": ".join(fields[key] for key in ("msg", "Error") if key in fields) or line
 
 
+def prune_empty_folders(root: str) -> None:
+    """Remove the empty folders inside each bucket's folder: objects deleted through the API leave their
+    folders behind (a model's `.partial-*` upload prefix, for one), and an empty folder holds no object."""
+    for bucket in os.scandir(root):
+        if not bucket.is_dir(follow_symlinks=False):
+            continue
+        for folder, _, _ in os.walk(bucket.path, topdown=False):
+            if folder != bucket.path:
+                with contextlib.suppress(OSError):  # not empty, or gone
+                    os.rmdir(folder)
+
+
 class _PortTaken(Exception):
     pass
 
@@ -328,4 +341,5 @@ def gs_for_local_job(mode: str, root: str, job, say: Callable[[str], None],
             if emulator.process is not None:
                 with _signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the stop short
                     emulator.stop()
+                    prune_empty_folders(emulator.root)
                 say(f"Cloud Storage emulator stopped; the buckets stay in {emulator.root}/")
