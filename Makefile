@@ -1,5 +1,6 @@
 # make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv: --preset quick (about two minutes)
 #                                     unless ARGS names a preset, e.g. ARGS="--preset default" (the full recipe)
+# make install                        .venv with CPU TensorFlow and the [local] extra (deploy.vertex --local, docs/local-jobs.md)
 # make test                           the whole test suite (what CI runs)
 # Every target is idempotent: the virtual environment is built once and rebuilt when setup.py changes.
 

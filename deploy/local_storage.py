@@ -194,11 +194,12 @@ class Emulator:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log,
                                             start_new_session=True, preexec_fn=_die_with_parent())
         except OSError as error:
-            raise TrainerError(f"cannot start the Cloud Storage emulator {binary} ({error.strerror or error})") from None
+            raise TrainerError(f"cannot start the Cloud Storage emulator {binary} "
+                               f"({error.strerror or error})") from None
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._failed_at_start()
+                self._failed_at_start(self.process.returncode, self.log)
             try:
                 with _opener().open(f"{self.url}/storage/v1/b", timeout=2) as response:
                     if response.status == 200:
@@ -209,12 +210,11 @@ class Emulator:
         self.stop()
         raise TrainerError(f"the Cloud Storage emulator did not answer on {self.url} within {READY_SECONDS:g} s")
 
-    def _failed_at_start(self) -> None:
-        code = self.process.returncode
-        self.log.seek(0)
-        lines = [line.strip() for line in self.log.read().splitlines() if line.strip()]
-        self.process = None
-        self.log.close()
+    def _failed_at_start(self, code: int, log: IO[str]) -> None:
+        log.seek(0)
+        lines = [line.strip() for line in log.read().splitlines() if line.strip()]
+        self.process, self.log = None, None
+        log.close()
         text = " ".join(lines).lower()
         if "address already in use" in text:
             raise _PortTaken()

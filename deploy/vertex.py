@@ -138,7 +138,8 @@ def _add_local_flags(parser: argparse.ArgumentParser):
     local.add_argument("--local", action="store_true",
                        help="run the very request on this machine as Vertex AI would: every replica of every pool a "
                             "local process on 127.0.0.1 with Vertex AI's CLUSTER_SPEC, TF_CONFIG and AIP_* variables "
-                            "(gs:// as --local-storage says); a tuning-service job: its trials, parameters sampled at random from the study spec; "
+                            "(gs:// as --local-storage says); a tuning-service job: its trials, parameters sampled at "
+                            "random from the study spec; "
                             "--package: the sdist installed in a throw-away virtual environment first")
     local.add_argument("--local-gcs-root", default="local-gcs", metavar="DIR",
                        help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths, apart "

