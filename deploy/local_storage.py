@@ -342,4 +342,3 @@ def gs_for_local_job(mode: str, root: str, job, say: Callable[[str], None],
                 with _signals(signal.SIG_IGN):  # a second Ctrl-C must not cut the stop short
                     emulator.stop()
                     prune_empty_folders(emulator.root)
-                say(f"Cloud Storage emulator stopped; the buckets stay in {emulator.root}/")

@@ -231,11 +231,11 @@ def test_a_fresh_machine_without_an_account_runs_the_job_into_local_buckets(fash
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     root = folder / "local-buckets"
     lines = [line for line in result.stdout.splitlines() if "Cloud Storage emulator" in line]
+    assert len(lines) == 1, "said in one line"
     assert re.fullmatch(rf"local job: gs:// is a local Cloud Storage emulator \(no Google Cloud credentials found\): "
                         rf"fake-gcs-server on 127\.0\.0\.1:\d+ until the job ends, gs://BUCKET/PATH kept as the file "
                         rf"{root}/BUCKET/PATH; bucket mybkt", lines[0]), lines[0]
-    assert lines[1] == f"local job: Cloud Storage emulator stopped; the buckets stay in {root}/"
-    assert result.stdout.strip().splitlines()[-1] == lines[1]
+    assert result.stdout.strip().splitlines()[-1].startswith("local job: succeeded in")
     for name in ("model/saved_model.pb", "model/_SUCCESS", "metrics.json", "checkpoints/checkpoint", "plots/loss.png"):
         assert (root / "mybkt" / "r1" / name).is_file(), name
     assert "[workerpool0-0] wrote gs://mybkt/r1/model/" in result.stdout
@@ -264,8 +264,7 @@ def test_sigterm_mid_job_stops_replicas_then_the_emulator_and_the_rerun_resumes_
         process.kill()
     output = log.read_text()
     assert "(--local-storage emulator, in place of STORAGE_EMULATOR_HOST=http://127.0.0.1:9)" in output
-    assert output.strip().splitlines()[-1] == f"local job: Cloud Storage emulator stopped; the buckets stay in " \
-                                              f"{tmp_path}/local-buckets/"
+    assert f"the file {tmp_path}/local-buckets/BUCKET/PATH; bucket jobs" in output
     assert emulators_serving(tmp_path / "local-buckets") == []
     assert (tmp_path / "local-buckets" / "jobs" / "preempted" / "checkpoints" / "checkpoint").is_file()
     rerun = runner(args, tmp_path, tmp_path, STORAGE_EMULATOR_HOST="http://127.0.0.1:9")
