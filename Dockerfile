@@ -1,7 +1,8 @@
 # The trainer's image for Vertex AI custom jobs (and any Docker host).
 #   docker build -t trainer:cpu .                                       CPU (default)
 #   docker build --build-arg VARIANT=gpu -t trainer:gpu .               CUDA GPUs (tensorflow[and-cuda])
-#   docker build --build-arg VARIANT=tpu -t trainer:tpu .               Cloud TPU VMs (tensorflow-tpu 2.20 + pinned libtpu)
+#   docker build --build-arg VARIANT=tpu -t trainer:tpu .               Cloud TPU VMs (tensorflow-tpu 2.20 + pinned libtpu;
+#                                                                       the trainer sets TensorFlow's PJRT variables itself)
 # The entry point is the trainer. Mount the data and a job dir, so the outputs outlive the container
 # (--user: your uid, so the files are yours and the mounted folder writable):
 #   mkdir -p runs && docker run --rm --user "$(id -u):$(id -g)" \
@@ -14,7 +15,9 @@ FROM python:${PYTHON_VERSION}-slim
 
 ARG VARIANT=cpu
 # Only for VARIANT=tpu: tensorflow-tpu 2.20.0 asks for libtpu~=0.0.14 (both on PyPI); the pin keeps
-# rebuilds on the runtime it was tested with.
+# rebuilds on one libtpu. TensorFlow reaches the TPU through libtpu's PJRT plugin: `--strategy tpu`, or
+# `auto` on a TPU VM, sets PJRT_DEVICE, NEXT_PLUGGABLE_DEVICE_USE_C_API and TF_PLUGGABLE_DEVICE_LIBRARY_PATH
+# (to the libtpu package's libtpu.so) before TensorFlow loads; `docker run -e NAME=VALUE` overrides them.
 ARG TF_TPU_VERSION=2.20.0
 ARG LIBTPU_VERSION=0.0.14
 
@@ -38,7 +41,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # hadolint ignore=DL3013
 RUN if [ "${VARIANT}" = "tpu" ]; then \
         pip install --no-cache-dir "tensorflow-tpu==${TF_TPU_VERSION}" "libtpu==${LIBTPU_VERSION}" && \
-        pip install --no-cache-dir ".[cloud,bayesian]"; \
+        pip install --no-cache-dir ".[cloud,bayesian]" && \
+        python -c "from trainer.distribute import libtpu_library; assert libtpu_library(), 'no libtpu.so'"; \
     else \
         pip install --no-cache-dir ".[${VARIANT},cloud,bayesian]"; \
     fi && \

@@ -78,7 +78,8 @@ def one_round(scratch, index, env, recipe=True, checks=10):
     job = os.path.join(scratch, f"trainer2-{index}")
     lines = os.path.join(scratch, f"trainer2-{index}.out")
     result["trainer_wall"], result["trainer_rss"] = measured(
-        [python, "-m", "trainer.task", "--dataset", FASHION, "--preset", "seed", "--epochs", "2", "--job-dir", job], env,
+        [python, "-m", "trainer.task", "--dataset", FASHION, "--preset", "seed", "--epochs", "2",
+         "--job-dir", job], env,
         output=lines)
     result["trainer_eps"] = load(os.path.join(job, "metrics.json"))["train_examples_per_second"]
     result["trainer_steady_eps"] = epoch_rates(lines)[-1]
@@ -96,8 +97,10 @@ def one_round(scratch, index, env, recipe=True, checks=10):
     measured([python, "bench/seed_baseline.py", "--until-accuracy", "0.9", "--checks-per-epoch", str(checks),
               "--then-checks-per-epoch", "1", "--epochs", str(SEED_EPOCHS), "--seed", str(SEED), "--out", out], env)
     baseline90 = load(out)
-    result["baseline_to90"], result["baseline_to90_epochs"] = baseline90["seconds_to_target"], baseline90["epochs_to_target"]
-    result["baseline_accuracy"], result["baseline_train_seconds"] = baseline90["test_accuracy"], baseline90["train_seconds"]
+    result["baseline_to90"] = baseline90["seconds_to_target"]
+    result["baseline_to90_epochs"] = baseline90["epochs_to_target"]
+    result["baseline_accuracy"] = baseline90["test_accuracy"]
+    result["baseline_train_seconds"] = baseline90["train_seconds"]
 
     out = os.path.join(scratch, f"default-{index}.json")
     job = os.path.join(scratch, f"default-{index}")
@@ -181,7 +184,8 @@ def table(medians, rounds, checks):
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     each = lambda text: ", ".join(text(r) for r in rounds)  # noqa: E731
     lines += ["", "Per round (trainer over seed notebook unless said otherwise):", "",
-              f"- throughput, 2-epoch job (tracing included): {each(lambda r: ratio(r['trainer_eps'], r['baseline_eps']))} "
+              "- throughput, 2-epoch job (tracing included): "
+              f"{each(lambda r: ratio(r['trainer_eps'], r['baseline_eps']))} "
               f"({each(lambda r: format(r['trainer_eps'], ',.0f'))} against "
               f"{each(lambda r: format(r['baseline_eps'], ',.0f'))} examples/s)",
               f"- throughput, steady state (second epoch): "
@@ -194,7 +198,8 @@ def table(medians, rounds, checks):
         seconds = lambda key: lambda r: f"{r[key]:.1f} s" if r[key] else "not reached"  # noqa: E731
         lines += [f"- time to 90%: seed notebook {each(seconds('baseline_to90'))} "
                   f"(epochs {each(lambda r: format(r['baseline_to90_epochs'] or 0, '.2f'))}); default recipe "
-                  f"{each(seconds('default_to90'))} (epochs {each(lambda r: format(r['default_to90_epochs'] or 0, '.2f'))}); "
+                  f"{each(seconds('default_to90'))} "
+                  f"(epochs {each(lambda r: format(r['default_to90_epochs'] or 0, '.2f'))}); "
                   f"seed notebook over default {each(lambda r: ratio(r['baseline_to90'], r['default_to90']))}"
                   f"{median_round(rounds, 'baseline_to90', 'default_to90')}",
                   f"- default recipe after its {rounds[0]['default_epochs']} epochs: test accuracy "

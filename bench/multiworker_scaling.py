@@ -66,7 +66,7 @@ def start_all(commands, scratch, env_for):
                                           stderr=subprocess.STDOUT))
         logs.append(log)
     texts = []
-    for process, log in zip(processes, logs):
+    for process, log in zip(processes, logs, strict=True):
         code = process.wait(timeout=1800)
         log.seek(0)
         texts.append(log.read())
@@ -243,8 +243,8 @@ def report(rounds, args, machine):
     for key, label in [*[(f"seed{b}", f"seed, {b}") for b in args.batch_sizes], ("default128", "default recipe, 128")]:
         one = [r[f"{key}_1w"] for r in rounds]
         two = [r[f"{key}_2w"] for r in rounds]
-        steady = [t[1] / o[1] for o, t in zip(one, two)]
-        overall = [t[0] / o[0] for o, t in zip(one, two)]
+        steady = [t[1] / o[1] for o, t in zip(one, two, strict=True)]
+        overall = [t[0] / o[0] for o, t in zip(one, two, strict=True)]
         lines.append(f"| {label} | {med([o[1] for o in one]):,.0f} | {med([t[1] for t in two]):,.0f} | "
                      f"{med(steady):.2f}x | {med(overall):.2f}x | {', '.join(f'{x:.2f}x' for x in steady)} |")
     batch = args.batch_sizes[0]

@@ -149,7 +149,8 @@ def first_epoch(out, trainer_args):
                            first_call=round(timed[0], 3), median_call=round(typical, 3),
                            calls_after_first=round(sum(timed[1:]), 3),
                            outside_calls=round(epoch["seconds"] - sum(timed), 3),
-                           cpu_first_call=round(epoch["cpu"][0], 3), cpu_calls_after_first=round(sum(epoch["cpu"][1:]), 3),
+                           cpu_first_call=round(epoch["cpu"][0], 3),
+                           cpu_calls_after_first=round(sum(epoch["cpu"][1:]), 3),
                            call_seconds=[round(seconds, 3) for seconds in timed]))
         print(f"epoch {number}: {epoch['seconds']:.2f} s; first call {timed[0]:.3f} s, median call {typical:.3f} s, "
               f"the other {len(timed) - 1} calls {sum(timed[1:]):.2f} s, outside the calls "

@@ -21,7 +21,6 @@ import os
 import struct
 
 import numpy as np
-
 from checks import AccuracyChecks  # bench/checks.py (this script runs from bench/)
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -298,6 +298,9 @@ class LocalJob:
                 name = "SIGTERM" if self.signalled == signal.SIGTERM else "Ctrl-C"
                 self.stop(self.running(), self.options.stop_grace,
                           f"{name} received; forwarding SIGTERM, as Vertex AI does before a preemption")
+                codes = ", ".join(f"{r.name} {r.process.returncode}" for r in self.replicas if r.process is not None)
+                self.say(f"stopped by {name} after {_seconds(time.monotonic() - started)} (exit codes: {codes}); "
+                         "rerun the same command to resume from the replicas' last checkpoint")
                 return 143 if self.signalled == signal.SIGTERM else 130
             if self.timeout and time.monotonic() - started > self.timeout:
                 self.stop(self.running(), self.options.stop_grace,

@@ -40,7 +40,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Mapping, Optional, TextIO
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO
+
+if TYPE_CHECKING:
+    from google.cloud.aiplatform_v1 import Trial
 
 from deploy.local import LocalJob, Options, _seconds, free_ports, plan_replicas
 
@@ -58,7 +61,7 @@ def _scaled(low: float, high: float, scale: str, rng: random.Random) -> float:
 
 def sample(study_spec, rng: random.Random) -> Dict[str, object]:
     """One random point of the study spec: {parameter_id: value} (float, int or str by parameter type)."""
-    point = {}
+    point: Dict[str, object] = {}
     for parameter in study_spec.parameters:
         if parameter.conditional_parameter_specs:
             raise ValueError(f"parameter {parameter.parameter_id}: conditional parameter specs are not sampled locally")
@@ -137,7 +140,7 @@ class LocalTuningJob:
         self.rng = random.Random(seed)
         self.metric = job.study_spec.metrics[0]
         self.maximize = self.metric.goal.name == "MAXIMIZE"
-        self.trials: Dict[int, object] = {}  # trial id -> aiplatform_v1.Trial
+        self.trials: Dict[int, Trial] = {}
         self.points: Dict[int, Dict[str, object]] = {}  # trial id -> its parameters, typed as sampled
         self.running: Dict[int, tuple] = {}  # trial id -> (thread, TrialJob, started)
         self.signalled: Optional[int] = None
@@ -158,7 +161,8 @@ class LocalTuningJob:
         from google.cloud.aiplatform_v1 import Trial
 
         point = self._new_point()
-        trial = Trial(id=str(trial_id), state=Trial.State.ACTIVE, start_time=datetime.datetime.now(datetime.timezone.utc),
+        now = datetime.datetime.now(datetime.timezone.utc)
+        trial = Trial(id=str(trial_id), state=Trial.State.ACTIVE, start_time=now,
                       parameters=[Trial.Parameter(parameter_id=name, value=value) for name, value in point.items()])
         self.trials[trial_id], self.points[trial_id] = trial, point
         spec = self.job.trial_job_spec
@@ -191,14 +195,14 @@ class LocalTuningJob:
         measured = read_measurement(metric_file, self.metric.metric_id,
                                     self.job.study_spec.measurement_selection_type.name, self.maximize)
         if code == 0 and measured is not None:
-            trial.state = Trial.State.SUCCEEDED
+            trial.state = Trial.State(Trial.State.SUCCEEDED)
             trial.final_measurement = Measurement(
                 step_count=measured["step"], elapsed_duration=datetime.timedelta(seconds=seconds),
                 metrics=[Measurement.Metric(metric_id=self.metric.metric_id, value=measured["value"])])
             self.say(f"trial {trial_id} succeeded in {_seconds(seconds)}: {self.metric.metric_id} "
                      f"{measured['value']:.4f} (step {measured['step']}, read from {metric_file})")
             return
-        trial.state = Trial.State.INFEASIBLE
+        trial.state = Trial.State(Trial.State.INFEASIBLE)
         if code == 0:
             trial.infeasible_reason = (f"the trial exited 0 but reported no {self.metric.metric_id} to "
                                        f"CLOUD_ML_HP_METRIC_FILE ({metric_file}): report it with cloudml-hypertune")
@@ -314,7 +318,8 @@ class LocalTuningJob:
         widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
         with self.lock:
             for row in [header, *rows]:
-                print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=self.out)
+                cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                print("  ".join(cells).rstrip(), file=self.out)
             self.out.flush()
 
 

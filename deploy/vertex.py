@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from deploy.local import STOP_GRACE_SECONDS
 from deploy.local_storage import CHOICES, DEFAULT_ROOT
@@ -84,7 +84,8 @@ def duration(text: str) -> int:
     try:
         seconds = float(number) * DURATION_UNITS[unit]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds or a number with s, m, h or d (e.g. 90m), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected seconds or a number with s, m, h or d (e.g. 90m), got {text!r}") from None
     if not 1 <= seconds < 10 ** 9:
         raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text!r}")
     return int(seconds)
@@ -161,9 +162,15 @@ def _add_local_flags(parser: argparse.ArgumentParser):
     return local
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy.vertex", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+class CommandParser(argparse.ArgumentParser):
+    """The top-level parser, which also knows its sub-commands' parsers (their usage goes with their errors)."""
+
+    commands: Dict[str, argparse.ArgumentParser]
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="python -m deploy.vertex", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,tune}")
     train = commands.add_parser(
         "train", help="train once: a CustomJob running python -m trainer.task", formatter_class=HelpFormatter,
@@ -275,12 +282,16 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
     if "--" in argv:
         passthrough = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    parser = parser.commands[args.command]  # errors show the subcommand's usage
+    top = build_parser()
+    args = top.parse_args(argv)
+    parser = top.commands[args.command]  # errors show the subcommand's usage
     args.project = args.project or environ.get("GOOGLE_CLOUD_PROJECT")
-    if not args.project:
+    only_here = args.dry_run or getattr(args, "local", False)  # printed or run here: no project in the request
+    if not args.project and not only_here:
         parser.error("--project is required (or set GOOGLE_CLOUD_PROJECT)")
+    if not args.project and args.package and not args.executor_image:
+        parser.error("--package without --executor-image runs the project's own image, which --project names "
+                     "(or set GOOGLE_CLOUD_PROJECT)")
     if not args.job_dir.startswith("gs://"):
         parser.error(f"--job-dir must be a gs:// folder (Vertex AI writes there), got {args.job_dir}")
     if args.package and not (args.staging_bucket or "").startswith("gs://"):
@@ -290,7 +301,18 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
                      "service account (one with roles/aiplatform.user and storage access)")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    target = TARGETS[args.target]
+    _check_accelerators(parser, args, TARGETS[args.target])
+    _check_local_flags(parser, args)
+    if args.command == "tune":
+        if args.max_trials < 1 or args.parallel_trials < 1:
+            parser.error("--max-trials and --parallel-trials must be at least 1")
+        if args.service == "keras-tuner" and TARGETS[args.target].variant == "tpu":
+            parser.error(f"--target {args.target}: a KerasTuner search trains every trial with TensorFlow's "
+                         "default strategy, so the TPU would sit idle; use --target cpu or gpu")
+    return args, check_passthrough(parser, args, passthrough)
+
+
+def _check_accelerators(parser: argparse.ArgumentParser, args: argparse.Namespace, target: Target) -> None:
     if args.accelerator_count is not None:
         if not target.accelerator_count:
             parser.error(f"--accelerator-count: --target {args.target} has no accelerators; for GPUs use "
@@ -299,10 +321,13 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
             parser.error(f"--accelerator-count: --target {args.target} is {target.accelerator_count} TPU chips, "
                          f"fixed by its machine type {target.machine_type}")
         if args.accelerator_count == 0:
-            parser.error(f"--accelerator-count 0: for a machine without GPUs use --target cpu")
+            parser.error("--accelerator-count 0: for a machine without GPUs use --target cpu")
         if target.variant == "gpu" and args.accelerator_count not in GPU_COUNTS:
             counts = f"{', '.join(map(str, GPU_COUNTS[:-1]))} or {GPU_COUNTS[-1]}"
             parser.error(f"--accelerator-count: a machine takes {counts} NVIDIA T4s, got {args.accelerator_count}")
+
+
+def _check_local_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if getattr(args, "local", False):
         if args.dry_run:
             parser.error("--local runs the job and --dry-run only prints it: choose one")
@@ -322,13 +347,6 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
         parser.error("--local-output applies to --service vertex (a KerasTuner search writes into its job dir)")
     if args.restarts < 0 or args.stop_grace < 0:
         parser.error("--restarts and --stop-grace must be 0 or more")
-    if args.command == "tune":
-        if args.max_trials < 1 or args.parallel_trials < 1:
-            parser.error("--max-trials and --parallel-trials must be at least 1")
-        if args.service == "keras-tuner" and target.variant == "tpu":
-            parser.error(f"--target {args.target}: a KerasTuner search trains every trial with TensorFlow's "
-                         "default strategy, so the TPU would sit idle; use --target cpu or gpu")
-    return args, check_passthrough(parser, args, passthrough)
 
 
 def default_image(args, variant: str) -> str:
@@ -353,7 +371,7 @@ def worker_pools(args, module: str, module_args: List[str], package_uri: Optiona
     target = TARGETS[args.target]
     machine = vertex.MachineSpec(machine_type=args.machine_type or target.machine_type)
     if target.accelerator_count:
-        machine.accelerator_type = vertex.AcceleratorType[target.accelerator_type]
+        machine.accelerator_type = getattr(vertex.AcceleratorType, target.accelerator_type)
         machine.accelerator_count = target.accelerator_count if args.accelerator_count is None else \
             args.accelerator_count
     if target.tpu_topology:
@@ -396,7 +414,8 @@ def build_job(args, module_args: List[str], package_uri: Optional[str]):
     dropout = args.dropout_range
     Spec = vertex.StudySpec.ParameterSpec
     if dropout.step:
-        dropout_values = dict(discrete_value_spec=Spec.DiscreteValueSpec(values=list(dropout.grid())))
+        grid = Spec.DiscreteValueSpec(values=list(dropout.grid()))
+        dropout_values: Dict[str, object] = dict(discrete_value_spec=grid)
     else:
         dropout_values = dict(double_value_spec=Spec.DoubleValueSpec(min_value=dropout.low, max_value=dropout.high),
                               scale_type=Spec.ScaleType.UNIT_LINEAR_SCALE)

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from conftest import run_cli, run_task, signal_after_first_epoch
+from helpers import run_cli, run_task, signal_after_first_epoch
+
+pytestmark = pytest.mark.slow  # emulator (fake-gcs-server)
 
 
 @pytest.fixture(scope="session")
@@ -260,7 +262,7 @@ def test_colab_notebook_shows_a_gs_job_dirs_metrics_and_plots(gcs, bucket, seed_
     whole notebook runs end to end with a local JOB_DIR in test_deploy.py)."""
     import IPython.display
 
-    from conftest import ROOT_DIR
+    from helpers import ROOT_DIR
     from trainer import storage
 
     job_dir, metrics, _ = seed_run

@@ -1,5 +1,6 @@
 """Command-line parsing and validation: exit 2 with an argparse-style message, before any I/O."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -59,9 +60,18 @@ def test_quick_run_ends_naming_the_full_recipe():
     config = parse(["--preset", "quick", "--dataset", "idx:/data/fashion", "--job-dir", "/tmp/x"])
     assert full_recipe_hint(config, 24.0) == (
         "quick preset: 3 epochs of the default recipe; for the full recipe run `python -m trainer.task --dataset "
-        "idx:/data/fashion` (20 epochs, about 8 min of training at this run's pace)")
+        "idx:/data/fashion --job-dir /tmp/x-full` (20 epochs, about 8 min of training at this run's pace)")
     assert full_recipe_hint(parse(["--preset", "quick", "--job-dir", "/tmp/x"]), None).endswith(
-        "run `python -m trainer.task` (20 epochs)")
+        "run `python -m trainer.task --job-dir /tmp/x-full` (20 epochs)")
+
+
+def test_the_full_recipe_hint_keeps_every_setting_but_the_epochs():
+    config = parse(["--preset", "quick", "--epochs", "1", "--train-limit", "500", "--batch-size", "64",
+                    "--no-batch-norm", "--seed", "7", "--job-dir", "/tmp/my runs/q"])
+    hint = full_recipe_hint(config, 0.6)
+    assert hint.startswith("quick preset: 1 epoch of the default recipe;")
+    assert ("`python -m trainer.task --train-limit 500 --batch-size 64 --no-batch-norm --seed 7 "
+            "--job-dir '/tmp/my runs/q-full'` (20 epochs, about 12 s of training at this run's pace)") in hint
 
 
 def test_explicit_flags_beat_the_preset():
@@ -103,7 +113,7 @@ def test_config_is_frozen_and_validated_when_built_directly():
     with pytest.raises(ValueError, match="--dropout"):
         Config(job_dir="/tmp/x", dropout=1.0)
     config = Config(job_dir="/tmp/x")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 3
 
 

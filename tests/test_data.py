@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_task
+from helpers import run_task
 from trainer.config import Config
-from trainer.data import load_idx_folder, split_arrays, write_idx, _reachable
+from trainer.data import _reachable, load_idx_folder, split_arrays, write_idx
 from trainer.errors import TrainerError
 
 
@@ -155,7 +155,8 @@ class _Context:
     """The three fields of a tf.distribute.InputContext the pipeline reads (2 workers, 1 replica each)."""
 
     def __init__(self, pipeline_id, num_pipelines=2):
-        self.input_pipeline_id, self.num_input_pipelines, self.num_replicas_in_sync = pipeline_id, num_pipelines, num_pipelines
+        self.input_pipeline_id = pipeline_id
+        self.num_input_pipelines = self.num_replicas_in_sync = num_pipelines
 
     def get_per_replica_batch_size(self, global_batch_size):
         return global_batch_size // self.num_replicas_in_sync

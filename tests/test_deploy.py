@@ -19,7 +19,7 @@ import sysconfig
 
 import pytest
 
-from conftest import ROOT_DIR, main_in_fresh_interpreter
+from helpers import ROOT_DIR, main_in_fresh_interpreter
 
 TARGETS = ("cpu", "gpu", "gpu-multi", "multi-worker", "tpu-v5e", "tpu-v3")
 
@@ -232,12 +232,15 @@ def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
     (["train", "--image", "i", "--job-dir", "/local/run", "--project", "p"], "--job-dir must be a gs:// folder"),
     (["train", "--package", "--job-dir", "gs://b/r", "--project", "p"], "--package needs --staging-bucket"),
     (["train", "--image", "i", "--job-dir", "gs://b/r"], "--project is required"),
+    (["train", "--package", "--staging-bucket", "gs://b/s", "--job-dir", "gs://b/r", "--dry-run"],
+     "--package without --executor-image runs the project's own image, which --project names"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--dry-run"],
      "--local runs the job and --dry-run only prints it: choose one"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--restarts", "2"],
      "--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only"),
     (["tune", "--service", "keras-tuner", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local",
-      "--local-output", "o"], "--local-output applies to --service vertex (a KerasTuner search writes into its job dir)"),
+      "--local-output", "o"],
+     "--local-output applies to --service vertex (a KerasTuner search writes into its job dir)"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--restarts", "-1"],
      "--restarts and --stop-grace must be 0 or more"),
     (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "0"],
@@ -249,6 +252,16 @@ def test_bad_command_lines_exit_2(args, message, monkeypatch):
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
     code, _, err = vertex(args)
     assert code == 2 and message in err
+
+
+def test_a_dry_run_with_an_image_needs_no_project(monkeypatch):
+    """The printed request names no project when the image is given, so --dry-run prints it without one."""
+    from google.cloud.aiplatform_v1 import CustomJob
+
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    code, out, err = vertex(["train", "--image", "img:1", "--job-dir", "gs://b/r", "--dry-run"])
+    assert code == 0, err
+    assert CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.image_uri == "img:1"
 
 
 @pytest.mark.parametrize("command", ["train", "tune --service vertex", "tune --service keras-tuner"])
@@ -290,6 +303,7 @@ def fresh_venv(path):
     return python
 
 
+@pytest.mark.slow
 def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, digits_idx):
     dockerfile = open(os.path.join(ROOT_DIR, "Dockerfile")).read()
     install = re.search(r'pip install --no-cache-dir "\.\[\$\{VARIANT\},([a-z,]+)\]"', dockerfile)
@@ -315,6 +329,7 @@ def test_dockerfile_install_and_entry_commands_work_in_a_fresh_venv(tmp_path, di
     assert os.path.isfile(home / "run" / "model" / "saved_model.pb")
 
 
+@pytest.mark.slow
 def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path, digits_idx, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -340,6 +355,9 @@ def test_colab_notebook_runs_top_to_bottom_on_cpu(tmp_path, digits_idx, monkeypa
         client.execute()
         outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in notebook.cells
                    if cell.cell_type == "code"]
+        install = outputs[1].strip().splitlines()
+        assert install[0].startswith("installing: ") and install[-1].startswith("installed: mnist-trainer 0.")
+        assert len(install) == 2, "pip's own output shows only when it fails (no CompletedProcess either)"
         assert "NOTE: no TPU attached" in outputs[2] and "test_accuracy" in outputs[2]
         images = [o for o in notebook.cells[4].outputs if "image/png" in o.get("data", {})]
         assert len(images) == 3  # accuracy, loss, confusion matrix

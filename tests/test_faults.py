@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, file_snapshot, free_port, read_metrics, run_task, trainer_env
+from helpers import ROOT_DIR, file_snapshot, free_port, read_metrics, run_task, trainer_env
 
 
 def assert_one_line(code, err, expected_code, *fragments, seconds=None, bound=None):
@@ -154,6 +154,7 @@ def _trainer(args, log, **env):
                             env=trainer_env(MNIST_TRAINER_GCS_DEADLINE=str(GCS_DEADLINE), **env))
 
 
+@pytest.mark.slow
 def test_idx_gs_with_the_server_down_at_start_is_one_line_within_the_deadline(own_gcs_server, tmp_path):
     server, host = own_gcs_server
     server.kill()
@@ -166,6 +167,7 @@ def test_idx_gs_with_the_server_down_at_start_is_one_line_within_the_deadline(ow
                     seconds=time.monotonic() - started, bound=GCS_DEADLINE + 25)
 
 
+@pytest.mark.slow
 def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(own_gcs_server, digits_idx, tmp_path):
     """The server stopped (SIGSTOP) mid-run: connections hang, as on a dead network, the harder case
     (refused connections are the server-down case above)."""
@@ -227,7 +229,7 @@ def test_sigterm_in_every_phase_has_a_deliberate_outcome(phase, monkeypatch, dig
     started = time.monotonic()
     exit_code, out, err = run_task(_phase_run(digits_idx, job_dir))
     assert exit_code == code, err
-    assert [l for l in err.strip().splitlines()] == [l for l in err.strip().splitlines() if line in l] and line in err
+    assert all(line in text for text in err.strip().splitlines()) and line in err
     assert "Traceback" not in err and time.monotonic() - started < 60
     monkeypatch.undo()
     if phase == "data loading":

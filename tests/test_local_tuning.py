@@ -15,12 +15,13 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import pytest
 
-from conftest import fake_gcs_server, main_in_fresh_interpreter
+from helpers import fake_gcs_server, main_in_fresh_interpreter
+
+pytestmark = pytest.mark.slow  # local Vertex AI tuning and package jobs
 
 COMMON = ["--project", "demo", "--image", "img:cpu"]
 SMALL = ["--preset", "seed", "--epochs", "1", "--intra-op-threads", "1"]
@@ -70,7 +71,8 @@ def test_random_sampling_honours_each_parameter_type_and_scale():
     below = lambda name: sum(p[name] < geometric_middle for p in points) / len(points)  # noqa: E731
     assert 0.4 < below("lr_log") < 0.6 and below("lr_linear") < 0.05, "log scale: half the draws below 3.2e-3"
     mirrored_middle = 0.99 + 0.01 - math.sqrt(0.01 * 0.99)  # 0.90: a linear draw lands above it 1 time in 10
-    assert 0.4 < sum(p["momentum"] > mirrored_middle for p in points) / len(points) < 0.6, "reverse log: dense at the top"
+    above = sum(p["momentum"] > mirrored_middle for p in points) / len(points)
+    assert 0.4 < above < 0.6, "reverse log: dense at the top"
     assert all(isinstance(p["units"], int) and 16 <= p["units"] <= 256 for p in points)
     assert {p["dropout"] for p in points} == {0.1, 0.2, 0.4} and {p["filters"] for p in points} == {"16,32", "32,64"}
     point = dict(points[0], units=64, dropout=0.2, filters="16,32")
@@ -111,8 +113,15 @@ print("trial ran with", values, flush=True)
 
 
 def reporter_job(max_trials, parallel, *args):
-    from google.cloud.aiplatform_v1 import (ContainerSpec, CustomJobSpec, GcsDestination, HyperparameterTuningJob,
-                                            MachineSpec, StudySpec, WorkerPoolSpec)
+    from google.cloud.aiplatform_v1 import (
+        ContainerSpec,
+        CustomJobSpec,
+        GcsDestination,
+        HyperparameterTuningJob,
+        MachineSpec,
+        StudySpec,
+        WorkerPoolSpec,
+    )
 
     Spec = StudySpec.ParameterSpec
     pool = WorkerPoolSpec(machine_spec=MachineSpec(machine_type="n1-standard-4"), replica_count=1,
@@ -163,7 +172,7 @@ def test_trials_run_at_most_parallel_at_once_each_with_its_own_metric_file(tmp_p
     assert sorted(dropouts) == ["0.1", "0.2", "0.3", "0.4"]
     files = re.findall(r"read from (\S+)\)", out)
     assert len(set(files)) == 4 and all(f.endswith(f"/trial_{n}/output.metrics") for n, f in
-                                        zip(re.findall(r"trial (\d) succeeded", out), files))
+                                        zip(re.findall(r"trial (\d) succeeded", out), files, strict=False))
     best = dropouts.index("0.1") + 1
     assert f"local tuning job: best trial {best}: val_accuracy 0.9000 with --dropout=0.1" in out
 

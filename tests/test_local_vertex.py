@@ -20,7 +20,9 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, fake_gcs_server, main_in_fresh_interpreter, trainer_env, wait_for_line
+from helpers import ROOT_DIR, fake_gcs_server, main_in_fresh_interpreter, trainer_env, wait_for_line
+
+pytestmark = pytest.mark.slow  # local Vertex AI jobs
 
 COMMON = ["train", "--project", "demo", "--image", "img:cpu"]
 
@@ -261,7 +263,8 @@ def test_multi_worker_job_survives_a_killed_worker_and_the_chief_fills_the_aip_f
         os.kill(int(replica_pids(open(log).read())["workerpool1-1"]), signal.SIGKILL)
         # On failure: every line of the runner's own (what failed first, and when), then the replicas' last lines.
         assert runner.wait(timeout=300) == 0, "\n".join(
-            [line for line in open(log).read().splitlines() if line.startswith("local job:")] + [open(log).read()[-3000:]])
+            [line for line in open(log).read().splitlines() if line.startswith("local job:")]
+            + [open(log).read()[-3000:]])
     finally:
         runner.kill()
     output = open(log).read()
@@ -320,6 +323,43 @@ def test_sigterm_to_the_runner_stops_every_replica_143_and_the_same_command_resu
     assert metrics["initial_epoch"] >= 1 or metrics["initial_step"] > 0
     assert metrics["strategy"] == "default" and metrics["num_replicas"] == 1
     assert_job_outputs(bucket, "preempted/")  # a --target cpu job: everything where its AIP_* variables say
+
+
+def test_sigterm_to_a_multi_worker_runner_stops_both_replicas_at_one_step_and_the_job_resumes(bucket, digits_idx,
+                                                                                              tmp_path):
+    """Vertex AI's preemption of a cluster, through the runner: SIGTERM forwarded to the chief and the worker
+    inside epoch 2; both stop at the same step (exit 143), the runner prints its closing line and exits
+    143 within Vertex AI's 30 s, no model is exported, and the same command resumes."""
+    args = [*COMMON, "--target", "multi-worker", "--workers", "1", "--job-dir", "gs://local-jobs/mw-preempted",
+            "--local", "--", "--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "3000",
+            "--epochs", "2", "--batch-size", "32", "--intra-op-threads", "1"]
+    log = str(tmp_path / "runner.log")
+    runner = start_runner(args, log, tmp_path)
+    try:
+        wait_for_line(log, "[workerpool1-0] epoch 1/2", runner)
+        wait_for_line(log, "[workerpool0-0] epoch 1/2", runner)
+        runner.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert runner.wait(timeout=60) == 143, open(log).read()[-3000:]
+    finally:
+        runner.kill()
+    assert time.monotonic() - signalled < 30
+    output = open(log).read()
+    stops = dict(re.findall(r"^\[(workerpool\d-0)\] stopped by SIGTERM at epoch 2, step (\d+)/84;", output, re.M))
+    assert sorted(stops) == ["workerpool0-0", "workerpool1-0"] and len(set(stops.values())) == 1, output[-3000:]
+    closing = output.strip().splitlines()[-1]
+    assert re.fullmatch(r"local job: stopped by SIGTERM after \S+ \(exit codes: workerpool0-0 143, workerpool1-0 "
+                        r"143\); rerun the same command to resume from the replicas' last checkpoint", closing), closing
+    assert "SIGKILL to" not in output  # every replica stopped within the grace
+    assert not [name for name in stored(bucket, "mw-preempted/") if name.startswith("model/")]
+    assert_gone(replica_pids(output))
+    rerun = run_runner(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert len(re.findall(r"^\[workerpool\d-0\] resuming from gs://local-jobs/mw-preempted/checkpoints/? at epoch 2, "
+                          rf"step {stops['workerpool0-0']}$", rerun.stdout, re.M)) == 2, rerun.stdout[-3000:]
+    metrics = metrics_in(bucket, "mw-preempted/")
+    assert (metrics["initial_epoch"], metrics["initial_step"]) == (1, int(stops["workerpool0-0"]))
+    assert metrics["num_replicas"] == 2 and metrics["epochs_completed"] == 2
 
 
 def test_the_jobs_scheduling_timeout_is_honoured(bucket, digits_idx, tmp_path):

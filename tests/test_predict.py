@@ -13,13 +13,14 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
 import pytest
 
 import photos
-from conftest import ROOT_DIR, trainer_env
+from helpers import ROOT_DIR, trainer_env
 
 
 def run_predict(args, **env):
@@ -92,7 +93,8 @@ def test_a_photo_gives_the_model_the_same_input_as_flat_white(image_set):
     from trainer.predict import load_image
 
     paths, _ = image_set
-    similar = [correlation(load_image(photo), load_image(flat)) for photo, flat in zip(paths["photo"], paths["flat"])]
+    pairs = zip(paths["photo"], paths["flat"], strict=True)
+    similar = [correlation(load_image(photo), load_image(flat)) for photo, flat in pairs]
     # Read as before (border median as background, no lighting model), the photos correlate about 0.3.
     assert np.median(similar) > 0.95 and min(similar) > 0.5, np.round(similar, 3)
 
@@ -103,7 +105,7 @@ def test_a_transparent_canvas_reads_like_ink_on_paper(image_set, tmp_path):
     from trainer.predict import load_image
 
     paths, _ = image_set
-    for canvas, flat in zip(paths["canvas"], paths["flat"]):
+    for canvas, flat in zip(paths["canvas"], paths["flat"], strict=True):
         assert correlation(load_image(canvas), load_image(flat)) > 0.98, canvas
     white_ink = np.asarray(Image.open(paths["canvas"][3]).convert("RGBA")).copy()
     white_ink[..., :3] = 255  # white strokes on alpha 0: composited over black instead
@@ -155,14 +157,15 @@ def test_images_without_ink_are_refused(tmp_path):
     from trainer.errors import TrainerError
     from trainer.predict import load_image
 
-    for name, path in write_blank_images(str(tmp_path)).items():
-        with pytest.raises(TrainerError, match="no ink found") as caught:
+    for path in write_blank_images(str(tmp_path)).values():
+        with pytest.raises(TrainerError, match="nothing to classify") as caught:
             load_image(path)
         assert str(caught.value).startswith(path), caught.value
 
 
 # --------------------------------------------------------------------------------- the command
 
+@pytest.mark.slow
 def test_photos_are_read_as_well_as_flat_white(seed_run, image_set, tmp_path):
     """The issue's bar: 9 of 10 photo-like digits right, as many as on flat white; canvas exports right too."""
     from PIL import Image
@@ -204,7 +207,7 @@ def test_a_bad_file_is_one_error_line(seed_run, digits, tmp_path, kind):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: {path}: "), result.stderr
-    expected = {"blank": "no ink found", "bad checksum": "checksum",
+    expected = {"blank": "nothing to classify", "bad checksum": "checksum",
                 "bomb": "refused: 10,000x10,000 pixels to decode, more than the 89,478,485 allowed",
                 "bigger bomb": "refused: 20,000x20,000 pixels to decode, more than the 89,478,485 allowed"}[kind]
     assert expected in result.stderr
@@ -249,7 +252,7 @@ def test_big_images_are_read_in_bounded_time_and_memory(tmp_path):
     del photo
 
     seconds, megabytes, outcome = load_image_cost(under)
-    assert outcome.endswith("no ink found: the image is blank or a single colour"), outcome
+    assert outcome.endswith("nothing to classify: the image is blank or a single colour"), outcome
     assert seconds < 20 and megabytes < 1_000, (seconds, megabytes)  # measured 1.3 s, 650 MB
     seconds, megabytes, outcome = load_image_cost(phone)
     assert outcome == "digit 28" and seconds < 10 and megabytes < 300, (seconds, megabytes, outcome)
@@ -257,6 +260,7 @@ def test_big_images_are_read_in_bounded_time_and_memory(tmp_path):
     assert "refused: 20,000x20,000 pixels to decode" in outcome and seconds < 2 and megabytes < 200, outcome
 
 
+@pytest.mark.slow
 def test_good_files_are_still_classified_among_bad_ones(seed_run, image_set, digits, tmp_path):
     paths, labels = image_set
     bad_checksum, bomb = str(tmp_path / "bad_checksum.png"), str(tmp_path / "bomb.png")
@@ -275,13 +279,46 @@ def test_good_files_are_still_classified_among_bad_ones(seed_run, image_set, dig
     assert "Traceback" not in result.stderr
 
 
+def test_a_named_pipe_a_device_or_a_folder_is_refused_at_once(seed_run, tmp_path):
+    """Not opened at all: a named pipe with no writer would block the open for ever."""
+    fifo = str(tmp_path / "image.png")
+    os.mkfifo(fifo)
+    expected = {fifo: "not a regular file (a named pipe), so not read as an image",
+                "/dev/null": "not a regular file (a device), so not read as an image",
+                str(tmp_path): "not a regular file (a folder), so not read as an image"}
+    for path, problem in expected.items():
+        started = time.perf_counter()
+        result = run_predict(["--model-dir", model_dir_of(seed_run), path])
+        assert time.perf_counter() - started < 20  # no waiting (a Python start and the model's checks)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr == f"error: {path}: {problem}\n", result.stderr
+
+
+@pytest.mark.slow
+def test_an_image_through_a_pipe_is_read(seed_run, image_set, tmp_path):
+    """`<(cat x.png)` (bash's process substitution, /dev/fd/63) is classified as the file itself is; a pipe that
+    ends without a byte is refused with that cause."""
+    paths, _ = image_set
+    script = 'exec "$0" -m trainer.predict --model-dir "$1" "$2" <(cat "$3") <(true)'
+    result = subprocess.run(["bash", "-c", script, sys.executable, model_dir_of(seed_run), paths["photo"][3],
+                             paths["photo"][3]], cwd=ROOT_DIR, env=trainer_env(), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 1, result.stderr
+    (_, *direct), (piped_path, *piped) = (line.split("\t") for line in result.stdout.splitlines())
+    assert piped_path.startswith("/dev/fd/") and direct == piped, result.stdout
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: /dev/fd/")
+    assert result.stderr.endswith(": a pipe that ended without sending anything, so no image\n"), result.stderr
+
+
 def test_help_is_instant_and_imports_no_tensorflow():
-    code = ("import sys\nfrom trainer import predict\ntry:\n    predict.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom trainer import predict\n"
+            "try:\n    predict.main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('tensorflow' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT_DIR, env=trainer_env(), capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.strip().endswith("False"), result.stdout + result.stderr
     assert "--show" in result.stdout and "gs://" in result.stdout
+    assert "digit" not in result.stdout  # the command serves any model the trainer exports
 
 
 def _write_inverted_off_centre_png(path, image):
@@ -293,6 +330,7 @@ def _write_inverted_off_centre_png(path, image):
     canvas.convert("RGB").save(path)
 
 
+@pytest.mark.slow
 def test_predict_names_the_right_digits_from_ordinary_pngs(seed_run, digits, tmp_path):
     import tensorflow as tf
 
@@ -311,7 +349,7 @@ def test_predict_names_the_right_digits_from_ordinary_pngs(seed_run, digits, tmp
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(chosen)
-    for line, i in zip(lines, chosen):
+    for line, i in zip(lines, chosen, strict=True):
         path, predicted, probability = line.split("\t")
         assert path.endswith(f"digit_{i}.png")
         assert int(predicted.split()[0]) == labels[i], line
@@ -352,6 +390,7 @@ def bucket(seed_run):
             os.environ["STORAGE_EMULATOR_HOST"] = previous
 
 
+@pytest.mark.slow
 def test_a_model_dir_on_gs_is_downloaded_once_complete(bucket, image_set, tmp_path):
     paths, labels = image_set
     cache = str(tmp_path / "cache")
@@ -365,8 +404,10 @@ def test_a_model_dir_on_gs_is_downloaded_once_complete(bucket, image_set, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --model-dir {bucket}/half/model: no _SUCCESS object there, so no complete model "
         "(a run writes it last, once the whole model is uploaded)")
-    assert not os.path.exists(os.path.join(cache, "gcs", "predict-models", "half")), "an incomplete model was downloaded"
+    half = os.path.join(cache, "gcs", "predict-models", "half")
+    assert not os.path.exists(half), "an incomplete model was downloaded"
 
     result = run_predict(["--model-dir", "gs://no-such-bucket/model", paths["photo"][6]], MNIST_TRAINER_CACHE=cache)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: --model-dir gs://no-such-bucket/model: gs://no-such-bucket: bucket does not exist")
+    assert result.stderr.startswith(
+        "error: --model-dir gs://no-such-bucket/model: gs://no-such-bucket: bucket does not exist")

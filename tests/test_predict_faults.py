@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, trainer_env
+from helpers import ROOT_DIR, trainer_env
 
 DATA = "variables/variables.data-00000-of-00001"
 INDEX = "variables/variables.index"
@@ -85,6 +85,33 @@ def variables_of_another_model(model):
     shutil.move(os.path.join(other, "variables"), os.path.join(model, "variables"))
 
 
+def variables_replaced_by(kind):
+    """variables/ made unreadable without permissions (the tests may run as root, who reads anything): a file,
+    a symbolic link to itself, or one to a path through a regular file."""
+    def corrupt(model):
+        path = os.path.join(model, "variables")
+        shutil.rmtree(path)
+        if kind == "a file":
+            with open(path, "w") as handle:
+                handle.write("not a folder")
+        elif kind == "a link loop":
+            os.symlink("variables", path)
+        else:
+            os.symlink(os.path.join("saved_model.pb", "variables"), path)
+    return corrupt
+
+
+def training_images(**changes):
+    """training_images.json with some keys changed (None removes one)."""
+    def corrupt(model):
+        path = os.path.join(model, "training_images.json")
+        with open(path) as handle:
+            described = json.load(handle)
+        described.update(changes)
+        overwrite("training_images.json", {key: value for key, value in described.items() if value is not None})(model)
+    return corrupt
+
+
 # (case, corruption of a copy of the model, what the one error line must say after "--model-dir DIR: ")
 CASES = [
     ("saved_model.pb garbage", garble("saved_model.pb"), "saved_model.pb is damaged or not a SavedModel"),
@@ -94,6 +121,10 @@ CASES = [
     ("saved_model.pb empty", overwrite("saved_model.pb", b""), "saved_model.pb is empty (0 bytes)"),
     ("saved_model.pb missing", delete("saved_model.pb"), "no saved_model.pb there"),
     ("variables missing", delete("variables"), "variables/ is missing"),
+    ("variables a file", variables_replaced_by("a file"), "variables is a file, not the folder of the model's weights"),
+    ("variables a link loop", variables_replaced_by("a link loop"),
+     "cannot read variables/ (Too many levels of symbolic links)"),
+    ("variables through a file", variables_replaced_by("through a file"), "cannot read variables/ (Not a directory)"),
     ("data truncated", truncate(DATA), f"{DATA} is damaged or truncated"),
     ("data empty", overwrite(DATA, b""), f"{DATA} is empty (0 bytes)"),
     ("data garbage", garble(DATA), f"{DATA} is damaged or truncated"),
@@ -111,6 +142,18 @@ CASES = [
      "class_names.json: name 1 is a number"),
     ("class names a folder", lambda model: delete("class_names.json")(model) or
      os.mkdir(os.path.join(model, "class_names.json")), "class_names.json is a folder"),
+    ("training images not JSON", overwrite("training_images.json", b'{"version": 1,'),
+     "training_images.json is not valid JSON"),
+    ("training images a list", overwrite("training_images.json", [1]),
+     "training_images.json holds a list, not an object"),
+    ("training images a later version", training_images(version=2),
+     "training_images.json is version 2, not 1: written by another release of the trainer"),
+    ("training images grey background", training_images(background="grey"),
+     'training_images.json: background is "grey", not "dark" or "light"'),
+    ("training images no centring", training_images(centring=None),
+     'training_images.json: centring is null, not "mass" or "box"'),
+    ("training images object too big", training_images(object_side=40),
+     "training_images.json: object_side is 40, not a whole number from 1 to 28"),
     ("another model's signature", foreign_saved_model("float input"),
      "saved_model.pb is not a model exported by this trainer: its serving_default maps x float32 [?,3] -> "),
     ("no signature", foreign_saved_model("no signature"),
@@ -181,6 +224,17 @@ def test_a_folder_that_is_no_model_is_one_line(tmp_path, digit_png, capfd, kind)
     assert seconds < 5, seconds
 
 
+def test_a_model_dir_on_gs_without_a_bucket_is_named_at_once():
+    """gs:// with no bucket is a command-line mistake: exit 2 before any I/O, TensorFlow never imported."""
+    from helpers import main_in_fresh_interpreter
+
+    for url in ("gs://", "gs:///runs/model"):
+        outcome = main_in_fresh_interpreter("trainer.predict", ["--model-dir", url, "image.png"])
+        assert outcome["code"] == 2 and outcome["out"] == "" and outcome["heavy"] == [], outcome
+        assert outcome["err"] == f"error: --model-dir {url}: no bucket named (write gs://BUCKET/PATH, e.g. " \
+                                 "gs://my-bucket/runs/run1/model)\n", outcome
+
+
 def test_a_model_without_class_names_names_its_classes_by_digit(model_copy, digit_png, capfd):
     """class_names.json missing (a folder copied without it): the classes are digits, as before; no warning."""
     os.remove(os.path.join(model_copy, "class_names.json"))
@@ -190,6 +244,7 @@ def test_a_model_without_class_names_names_its_classes_by_digit(model_copy, digi
     assert path == digit_png and label in [str(digit) for digit in range(10)] and 0 < float(probability) <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["saved_model.pb garbage", "data truncated"])
 def test_in_a_fresh_process_stderr_is_still_one_line(model_copy, digit_png, case):
     """A real process imports TensorFlow itself, whose C++ start-up writes to stderr whatever TF_CPP_MIN_LOG_LEVEL
@@ -201,7 +256,8 @@ def test_in_a_fresh_process_stderr_is_still_one_line(model_copy, digit_png, case
                             cwd=ROOT_DIR, env=env, capture_output=True, text=True, timeout=120)
     seconds = time.perf_counter() - started
     expected = dict((row[0], row[2]) for row in CASES)[case]
-    assert_one_error_line(result.returncode, result.stdout, result.stderr, f"error: --model-dir {model_copy}: {expected}")
+    assert_one_error_line(result.returncode, result.stdout, result.stderr,
+                          f"error: --model-dir {model_copy}: {expected}")
     assert seconds < 60, seconds
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from conftest import read_metrics, run_task
+from helpers import read_metrics, run_task
 from trainer.config import Config
 
 
@@ -25,6 +25,7 @@ def test_seed_preset_is_exactly_the_notebook_network():
                if isinstance(layer, keras.layers.Conv2D))
 
 
+@pytest.mark.slow
 def test_batch_norm_with_warmup_evaluates_well_after_the_first_epoch(digits_idx, tmp_path):
     """Moving averages that lag behind (momentum 0.99) make a warmed-up model evaluate near chance."""
     job_dir = str(tmp_path / "bn")
@@ -68,7 +69,7 @@ def test_fused_batch_norm_trains_like_keras_batch_norm(shape):
             loss = tf.reduce_sum(y * tf.cos(y))
         gradients = tape.gradient(loss, [x, layer.gamma, layer.beta])
         results.append([y, *gradients, layer.moving_mean, layer.moving_variance, layer(x, training=False)])
-    for stock, fused in zip(*results):
+    for stock, fused in zip(*results, strict=True):
         np.testing.assert_allclose(np.asarray(fused), np.asarray(stock), rtol=1e-4, atol=1e-4)
 
 

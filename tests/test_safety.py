@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, file_snapshot, run_task, start_cli, trainer_env, wait_for_line
+from helpers import ROOT_DIR, file_snapshot, run_task, start_cli, trainer_env, wait_for_line
 
 
 def _user_files(root):
@@ -28,7 +28,8 @@ def _user_files(root):
     (["--job-dir", "{x}/run", "--model-dir", "{x}/run"], ("--job-dir", "--model-dir")),
     (["--job-dir", "{x}/run", "--model-dir", "{x}"], ("--job-dir", "--model-dir")),
     (["--job-dir", "{x}/run", "--model-dir", "{x}/run/checkpoints"], ("--model-dir", "--checkpoint-dir")),
-    (["--job-dir", "{x}/run", "--model-dir", "{x}/m", "--checkpoint-dir", "{x}/m/"], ("--model-dir", "--checkpoint-dir")),
+    (["--job-dir", "{x}/run", "--model-dir", "{x}/m", "--checkpoint-dir", "{x}/m/"],
+     ("--model-dir", "--checkpoint-dir")),
     (["--job-dir", "{x}/run", "--log-dir", "{x}/run/model/logs"], ("--model-dir", "--log-dir")),
     (["--job-dir", "{x}/run", "--checkpoint-dir", "{x}"], ("--job-dir", "--checkpoint-dir")),
 ])
@@ -94,6 +95,7 @@ def test_a_diverging_run_exits_1_and_never_replaces_a_good_model(seed_run, digit
     assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]
 
 
+@pytest.mark.slow
 def test_one_writer_per_job_dir_and_a_killed_holder_frees_it(digits_idx, tmp_path):
     job_dir = str(tmp_path / "job")
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "1500", "--batch-size", "16",
@@ -115,6 +117,7 @@ def test_one_writer_per_job_dir_and_a_killed_holder_frees_it(digits_idx, tmp_pat
     assert not os.path.exists(os.path.join(job_dir, ".lock")), "the lock file is removed at the end"
 
 
+@pytest.mark.slow
 def test_a_run_after_a_kill_during_export_leaves_no_debris(digits_idx, tmp_path):
     """The trainer is killed (SIGKILL) while its model is being staged beside the job dir's model/."""
     job_dir = tmp_path / "job"
@@ -142,7 +145,7 @@ def test_a_run_after_a_kill_during_export_leaves_no_debris(digits_idx, tmp_path)
 
 def test_debris_cleanup_touches_only_what_an_export_left(tmp_path):
     """Dead-process staging and swapped-out folders go; a user's look-alike backups stay."""
-    from trainer import export
+    from trainer import model_folder
 
     for name in (".model.partial-999999-abcd1234", ".model.replaced-999998", "model.old-20240601",
                  ".model.replaced-999997", "model"):
@@ -150,6 +153,6 @@ def test_debris_cleanup_touches_only_what_an_export_left(tmp_path):
     (tmp_path / ".model.replaced-999998" / "saved_model.pb").write_bytes(b"old export")
     (tmp_path / ".model.replaced-999997" / "notes.txt").write_text("not an export")
     (tmp_path / "model.old-20240601" / "saved_model.pb").write_bytes(b"the user's backup")
-    removed = export.remove_export_debris(str(tmp_path / "model"))
+    removed = model_folder.remove_export_debris(str(tmp_path / "model"))
     assert removed == [".model.partial-999999-abcd1234", ".model.replaced-999998"]
     assert sorted(os.listdir(tmp_path)) == [".model.replaced-999997", "model", "model.old-20240601"]

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from conftest import free_port
+from helpers import free_port
 
 
 @pytest.fixture
@@ -41,6 +41,7 @@ def tensorboard(seed_run):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_scalars_have_one_point_per_epoch_and_match_metrics(tensorboard):
     get, metrics = tensorboard
     epochs = [row["epoch"] for row in metrics["history"]]
@@ -55,6 +56,7 @@ def test_scalars_have_one_point_per_epoch_and_match_metrics(tensorboard):
         [round(row["val_accuracy"], 5) for row in metrics["history"]]
 
 
+@pytest.mark.slow
 def test_misclassified_image_and_config_text_are_served(tensorboard):
     get, _ = tensorboard
     images = json.loads(get("/data/plugin/images/images?run=validation&tag=misclassified"))
@@ -64,6 +66,7 @@ def test_misclassified_image_and_config_text_are_served(tensorboard):
     assert "batch_size" in text[0]["text"] and "dropout" in text[0]["text"]
 
 
+@pytest.mark.slow
 def test_batch_scalars_have_one_point_per_call_and_add_up_to_the_epoch_loss(tensorboard):
     """What a user watching a run live sees: batch_* points after every multi-step call, x = global step."""
     get, metrics = tensorboard
@@ -76,10 +79,10 @@ def test_batch_scalars_have_one_point_per_call_and_add_up_to_the_epoch_loss(tens
     for tag, series in points.items():
         assert [step for _, step, _ in series] == calls, tag
     losses = [value for _, _, value in points["batch_loss"]]
-    sizes = [end - start for start, end in zip([0] + ends[:-1], ends)] * len(metrics["history"])
+    sizes = [end - start for start, end in zip([0] + ends[:-1], ends, strict=True)] * len(metrics["history"])
     for epoch, row in enumerate(metrics["history"]):
         chunk = slice(epoch * len(ends), (epoch + 1) * len(ends))
-        weighted = sum(loss * size for loss, size in zip(losses[chunk], sizes[chunk])) / steps_per_epoch
+        weighted = sum(loss * size for loss, size in zip(losses[chunk], sizes[chunk], strict=False)) / steps_per_epoch
         assert abs(weighted - row["loss"]) < 1e-4 * max(1.0, row["loss"]), (epoch, weighted, row["loss"])
     assert all(0.0 <= value <= 1.0 for _, _, value in points["batch_accuracy"])
     assert {round(value, 9) for _, _, value in points["batch_learning_rate"]} == {metrics["config"]["learning_rate"]}

@@ -1,4 +1,5 @@
-"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, determinism (trainer.predict: test_predict.py)."""
+"""End-to-end training on real data: accuracy, exported artifacts, TensorBoard logs, determinism
+(trainer.predict has test_predict.py)."""
 
 import glob
 import json
@@ -9,7 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT_DIR, file_snapshot, main_in_fresh_interpreter, run_task
+from helpers import (
+    ROOT_DIR,
+    file_snapshot,
+    main_in_fresh_interpreter,
+    printed_command,
+    read_metrics,
+    run_task,
+    trainer_env,
+)
 
 TIMING_KEYS = {"train_seconds", "train_examples_per_second"}
 
@@ -106,6 +115,7 @@ def test_tensorboard_logs_have_the_documented_runs_and_tags(seed_run):
     assert last == pytest.approx(metrics["history"][-1]["val_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):
     job_dir = str(tmp_path / "fashion")
     code, out, err = run_task(["--dataset", f"idx:{fashion_dir}", "--preset", "seed", "--train-limit", "10000",
@@ -118,6 +128,7 @@ def test_fashion_mnist_seed_recipe_on_real_debian_files(fashion_dir, tmp_path):
     assert metrics["class_names"][0] == "T-shirt/top"  # names come with the dataset, for plots and predict
 
 
+@pytest.mark.slow
 def test_same_seed_same_data_gives_identical_metrics(digits_idx, tmp_path):
     """Two separate processes, same flags: metrics.json differs only in its timing keys."""
     job_dir = str(tmp_path / "same")
@@ -186,3 +197,38 @@ def test_a_run_that_fails_before_training_leaves_no_empty_folders(tmp_path, monk
     existing.mkdir()
     code, _, _ = run_task(["--dataset", "idx:/no/such/folder", "--job-dir", str(existing / "job")])
     assert code == 1 and os.listdir(tmp_path) == ["mine"], "a folder the user made is kept"
+
+
+
+@pytest.mark.slow
+def test_the_quick_presets_closing_command_runs_as_printed(digits_idx, tmp_path):
+    """The quick preset's last line names the full recipe's command on the same data and settings; run as
+    printed, it trains all 20 epochs of the default recipe with those settings into the printed job dir."""
+    job_dir = tmp_path / "quick run"
+    code, out, err = run_task(["--preset", "quick", "--dataset", f"idx:{digits_idx}", "--train-limit", "400",
+                               "--batch-size", "64", "--epochs", "1", "--job-dir", str(job_dir)])
+    assert code == 0, err
+    assert "quick preset: 1 epoch of the default recipe" in out
+    argv = printed_command(out, r"for the full recipe run `([^`]+)`")
+    result = subprocess.run(argv, cwd=ROOT_DIR, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    full = str(job_dir) + "-full"
+    metrics = read_metrics(full)
+    assert metrics["epochs_completed"] == 20 and metrics["config"]["preset"] == "default"
+    assert metrics["config"]["train_limit"] == 400 and metrics["config"]["batch_size"] == 64
+    assert metrics["dataset"] == f"idx:{digits_idx}"
+
+
+def test_a_run_prints_its_model_summary_and_keeps_the_layer_table(seed_run):
+    import keras
+
+    job_dir, _, out = seed_run
+    model = keras.saving.load_model(os.path.join(job_dir, "model", "model.keras"))
+    headline = (f"model mnist_cnn: {len(model.layers)} layers, {model.count_params():,} parameters "
+                f"({model.count_params():,} trainable)")
+    assert f"{headline}; layers in {os.path.join(job_dir, 'model_summary.txt')}" in out.splitlines()
+    with open(os.path.join(job_dir, "model_summary.txt")) as handle:
+        table = handle.read().splitlines()
+    assert table[0] == headline and table[1].split() == ["layer", "type", "output", "shape", "parameters"]
+    assert [row.split()[0] for row in table[2:]] == [layer.name for layer in model.layers]
+    assert "(5, 5, 64)" in "\n".join(table), "the second conv block's output of the seed network"

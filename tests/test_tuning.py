@@ -10,8 +10,15 @@ import sys
 
 import pytest
 
-from conftest import (ROOT_DIR, file_snapshot, free_port, main_in_fresh_interpreter, read_metrics, run_cli,
-                      trainer_env)
+from helpers import (
+    ROOT_DIR,
+    file_snapshot,
+    main_in_fresh_interpreter,
+    printed_command,
+    read_metrics,
+    run_cli,
+    trainer_env,
+)
 
 
 def tune(args, timeout=600, **env):
@@ -29,6 +36,7 @@ def search(digits_idx, tmp_path_factory):
     return job_dir, args, result.stdout, result.stderr
 
 
+@pytest.mark.slow
 def test_search_writes_its_files_and_reports_the_best_trial(search):
     job_dir, _, out, _ = search
     with open(os.path.join(job_dir, "search_results.json")) as handle:
@@ -167,6 +175,7 @@ print(json.dumps(dict(code=code, events=events)))
 """
 
 
+@pytest.mark.slow
 def test_each_trial_traces_its_step_functions_once_and_no_retracing_warning(digits_idx, tmp_path):
     """Hyperband with --max-epochs 3 runs 6 trials: more than the 5 tracings after which TensorFlow warns
     about retracing, which it counts across trials (a new model, so new functions, every trial)."""
@@ -183,6 +192,7 @@ def test_each_trial_traces_its_step_functions_once_and_no_retracing_warning(digi
     assert "retracing" not in result.stderr
 
 
+@pytest.mark.slow
 def test_best_hyperparameters_file_reproduces_the_configuration(search, digits_idx, tmp_path):
     job_dir, _, _, _ = search
     with open(os.path.join(job_dir, "best_hyperparameters.json")) as handle:
@@ -197,6 +207,25 @@ def test_best_hyperparameters_file_reproduces_the_configuration(search, digits_i
     assert config["epochs"] == 1  # an explicit flag beats the file
 
 
+@pytest.mark.slow
+def test_the_searchs_closing_command_runs_as_printed_on_the_searchs_data(search, digits_idx):
+    """The search ends naming the command that trains its best configuration; run as printed, it trains
+    that configuration on the search's data (dataset, --train-limit, seed) for the preset's epochs into
+    JOB_DIR/best, as --retrain would."""
+    job_dir, _, out, _ = search
+    argv = printed_command(out, r"train it with: (.+)$")
+    result = subprocess.run(argv, cwd=ROOT_DIR, env=trainer_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(job_dir, "best_hyperparameters.json")) as handle:
+        chosen = json.load(handle)
+    metrics = read_metrics(os.path.join(job_dir, "best"))
+    assert metrics["dataset"] == f"idx:{digits_idx}"
+    assert metrics["config"]["train_limit"] == 2500 and metrics["config"]["preset"] == "seed"
+    assert ",".join(map(str, metrics["config"]["filters"])) == chosen["filters"]
+    assert metrics["config"]["dropout"] == chosen["dropout"] and metrics["epochs_completed"] == 10
+
+
+@pytest.mark.slow
 def test_existing_search_is_never_silently_reused_and_resume_redoes_nothing(search):
     job_dir, args, _, _ = search
     again = tune(args)
@@ -214,6 +243,7 @@ def test_hyperband_refuses_max_trials():
     assert result.returncode == 2 and "--max-trials does not apply to --tuner hyperband" in result.stderr
 
 
+@pytest.mark.slow
 def test_hypertune_report_has_one_line_per_epoch(digits_idx, tmp_path):
     metric_file = tmp_path / "hypertune" / "output.metrics"
     result = run_cli(["--dataset", f"idx:{digits_idx}", "--train-limit", "1000", "--epochs", "3", "--preset", "seed",
@@ -225,6 +255,7 @@ def test_hypertune_report_has_one_line_per_epoch(digits_idx, tmp_path):
     assert [float(line["val_accuracy"]) for line in lines] == pytest.approx([row["val_accuracy"] for row in history])
 
 
+@pytest.mark.slow
 def test_retrain_exports_the_best_configuration_as_a_normal_run(search):
     job_dir, args, _, _ = search
     result = tune(args + ["--resume", "--retrain", "--retrain-epochs", "2"])
@@ -249,6 +280,7 @@ def test_vertex_cluster_spec_becomes_keras_tuner_roles():
     assert distributed_environment({}) == {}
 
 
+@pytest.mark.slow
 def test_two_searches_into_one_job_dir_one_proceeds_the_other_names_it(digits_idx, tmp_path):
     """The first search holds the job-dir lock from before TensorFlow loads; a second one started meanwhile
     is refused at once (nothing of the first is touched); killing the holder frees the folder."""
@@ -276,6 +308,7 @@ def test_two_searches_into_one_job_dir_one_proceeds_the_other_names_it(digits_id
     joblock.acquire(job_dir).release()  # a killed holder leaves no lock behind
 
 
+@pytest.mark.slow
 def test_a_diverging_trial_is_recorded_and_the_search_goes_on(digits_idx, tmp_path):
     job_dir = str(tmp_path / "job")
     result = tune(["--tuner", "random", "--max-trials", "1", "--epochs", "1", "--dataset", f"idx:{digits_idx}",

@@ -18,7 +18,8 @@ def batch_seed(seed: int, epoch: int, batch_index):
     """The stateless seed pair of one batch: batch_index counts the epoch's batches over all pipelines."""
     import tensorflow as tf
 
-    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) * (1 << 32) + tf.cast(batch_index, tf.int64)])
+    counter = tf.cast(epoch, tf.int64) * (1 << 32) + tf.cast(batch_index, tf.int64)
+    return tf.stack([tf.constant(seed, tf.int64), counter])
 
 
 def shift_and_flip(images, seed, flip: bool = False, max_shift: int = MAX_SHIFT):

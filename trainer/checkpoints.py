@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
-from trainer import export
+from trainer import atomic, model_folder
 from trainer.config import RESUME_KEYS, Config
 from trainer.errors import TrainerError, writing
 
-# 2: augmentation moved from model layers into the input pipeline (older checkpoints of augmented models
-# hold layers the model no longer has).
-CHECKPOINT_FORMAT = 2
+# 2: the model holds no augmentation layers (augmentation runs in the input pipeline).
+# 3: the checkpoint also holds the model's random-number states (Dropout's seed generator) and a
+# mid-epoch stop's partial sums; an older one would resume with the masks of the run's first steps.
+CHECKPOINT_FORMAT = 3
 HISTORY_FILE = "history.json"
 RUN_CONFIG_FILE = "run_config.json"
 MAX_TO_KEEP = 2
@@ -57,7 +58,6 @@ def finished_run(config: Config) -> dict:
     --epochs (history.json), made with the same settings, metrics.json of that many epochs, and an exported
     model. Empty when anything is missing, so the run goes on (and redoes what is missing). Reads only, and
     needs no TensorFlow: a finished run is reported in the time it takes to read three small files."""
-    from trainer import storage
     from trainer.config import join_path
 
     if not config.resume:
@@ -73,21 +73,22 @@ def finished_run(config: Config) -> dict:
     if not (isinstance(metrics, dict) and metrics.get("epochs_completed") == config.epochs and
             all((metrics.get("config") or {}).get(key) == wanted[key] for key in RESUME_KEYS)):
         return {}
-    if storage.is_gcs(config.model_dir):
-        exported = storage.SUCCESS_MARKER in storage.list_objects(config.model_dir)
-    else:
-        exported = os.path.isfile(os.path.join(config.model_dir, "saved_model.pb"))
-    return metrics if exported else {}
+    return metrics if model_folder.is_complete(config.model_dir) else {}
 
 
 class Checkpoints:
     """Owns one run's checkpoint folder. `checkpoint` is a tf.train.Checkpoint holding at least the
-    tf.Variables `epoch` (epochs completed) and `step` (steps into the next epoch)."""
+    tf.Variables `epoch` (epochs completed), `step` (steps into the next epoch) and `partial` (the partial
+    sums of those steps, trainer.steps.PARTIAL_SUMS)."""
 
-    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int):
+    def __init__(self, config: Config, outputs, checkpoint, steps_per_epoch: int, restorable=None, stash=None):
+        """`restorable`: the part of `checkpoint` every checkpoint of these settings holds (default: all of
+        it); `stash`: a trainer.steps.StatisticsStash saved with `checkpoint` when this replica count wrote it."""
         self.config, self.outputs, self.checkpoint = config, outputs, checkpoint
+        self.restorable = restorable or checkpoint
+        self.stash = stash
         self.steps_per_epoch = steps_per_epoch
-        self.manager = None
+        self._manager: Optional[Any] = None  # a tf.train.CheckpointManager once restore() has run
 
     def restore(self) -> List[dict]:
         """Resume from the latest checkpoint when allowed and return the history up to it; refuse one made
@@ -101,21 +102,26 @@ class Checkpoints:
         history = []
         if latest:
             self._refuse_other_settings(_json_load(os.path.join(source, RUN_CONFIG_FILE), {}))
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self.restorable.restore(latest).assert_existing_objects_matched()
+            if self.stash is not None:  # absent when another replica count wrote the checkpoint
+                tf.train.Checkpoint(**{self.stash.key: self.stash.variables}).restore(latest).expect_partial()
             history = _json_load(os.path.join(source, HISTORY_FILE), [])
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
             with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot write {RUN_CONFIG_FILE}"):
-                export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
+                atomic.write_json(os.path.join(self.outputs.checkpoint_dir, RUN_CONFIG_FILE),
                                          dict(resume_settings(self.config), checkpoint_format=CHECKPOINT_FORMAT))
             self.outputs.sync_checkpoints()  # with --no-resume this also removes a gs:// folder's old checkpoints
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir, max_to_keep=MAX_TO_KEEP)
+        self._manager = tf.train.CheckpointManager(self.checkpoint, self.outputs.checkpoint_dir,
+                                                   max_to_keep=MAX_TO_KEEP)
         return history
 
     def _refuse_other_settings(self, saved: dict) -> None:
-        if saved and saved.get("checkpoint_format", 1) < 2 and saved.get("augment", "none") != "none":
-            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint from an earlier "
-                               "version of the trainer, whose augmented model had layers this one has not; pass "
+        made_with = saved.get("checkpoint_format", 1)
+        if made_with < CHECKPOINT_FORMAT:
+            raise TrainerError(f"--checkpoint-dir {self.config.checkpoint_dir}: holds a checkpoint of format "
+                               f"{made_with} from an earlier version of the trainer (this one writes format "
+                               f"{CHECKPOINT_FORMAT}, with the random-number state that makes a resume exact); pass "
                                "--no-resume to start fresh or use another --job-dir")
         wanted = resume_settings(self.config)
         differ = [key for key in RESUME_KEYS if key in saved and saved[key] != wanted[key]]
@@ -136,9 +142,22 @@ class Checkpoints:
         return int(self.checkpoint.epoch.numpy()), int(self.checkpoint.step.numpy())
 
     @property
-    def latest(self) -> str:
+    def carried(self) -> dict:
+        """The partial sums of the steps before a mid-epoch position (zeros at an epoch's start)."""
+        from trainer.steps import PARTIAL_SUMS
+
+        return dict(zip(PARTIAL_SUMS, (float(value) for value in self.checkpoint.partial.numpy()), strict=True))
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            raise RuntimeError("Checkpoints.restore() must run before a checkpoint is saved")
+        return self._manager
+
+    @property
+    def latest(self) -> Optional[str]:
         """The latest checkpoint as the user knows it (its gs:// path when the folder is staged), or None."""
-        return self._shown(self.manager.latest_checkpoint) if self.manager else None
+        return self._shown(self._manager.latest_checkpoint) if self._manager else None
 
     def _shown(self, path):
         staged = self.outputs.checkpoint_dir
@@ -146,10 +165,14 @@ class Checkpoints:
             return self.config.checkpoint_dir.rstrip("/") + "/" + path[len(staged):].lstrip(os.sep)
         return path
 
-    def save_mid_epoch(self, epoch: int, step: int) -> str:
-        """After a stop signal inside an epoch: the exact step, to resume from it."""
+    def save_mid_epoch(self, epoch: int, step: int, partial_sums: List[float]) -> str:
+        """After a stop signal inside an epoch: the exact step, to resume from it, and the epoch's partial
+        sums so far (trainer.steps.PARTIAL_SUMS)."""
         self.checkpoint.epoch.assign(epoch)
         self.checkpoint.step.assign(step)
+        self.checkpoint.partial.assign(partial_sums)
+        if self.stash is not None:
+            self.stash.fill()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}, "
                      f"step {step}"):
             saved = self.manager.save(checkpoint_number=epoch * self.steps_per_epoch + step)
@@ -161,8 +184,11 @@ class Checkpoints:
         """After epoch `epoch` (0-based) completed: the checkpoint, then history.json, then the gs:// sync."""
         self.checkpoint.epoch.assign(epoch + 1)
         self.checkpoint.step.assign(0)
+        self.checkpoint.partial.assign(self.checkpoint.partial.numpy() * 0.0)
+        if self.stash is not None:
+            self.stash.empty()
         with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot save the checkpoint of epoch {epoch + 1}",
                      f"the last saved one is kept: {self.latest or 'none yet'}"):
             self.manager.save(checkpoint_number=(epoch + 1) * self.steps_per_epoch)
-            export.write_json_atomic(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
+            atomic.write_json(os.path.join(self.outputs.checkpoint_dir, HISTORY_FILE), history)
         self.outputs.sync_checkpoints()

@@ -13,7 +13,7 @@ import math
 import os
 import posixpath
 import re
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker", "tpu")
 MIXED_PRECISION = ("auto", "off", "bf16", "fp16")
@@ -28,7 +28,7 @@ def _positive_int_list(text: str, what: str = "filter count") -> Tuple[int, ...]
     try:
         values = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 32,64, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"every {what} must be a positive integer, got {text!r}")
     return values
@@ -57,14 +57,10 @@ def _bool(text: str) -> bool:
 # Every recipe setting, defined once: the parser that reads it (flags and --hparams-file), the seed
 # notebook's value, and this project's default.
 # seed: the notebook exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
-# default: chosen by measurement on full Fashion-MNIST (README, Results): two 3x3 same-padded convs per
-# block with narrower filters (the 32,64 pair with two convs per block ran at a seventh of the seed
-# model's speed on a CPU), batch norm, cosine decay from 4e-3 (90% test accuracy at epoch 0.9 and 0.9400
-# after 20 epochs, against epoch 1.43 and 0.9380 from 2e-3; 3e-3: epoch 1.0 and 0.9386), random shifts
-# from the third epoch on (the first two epochs on plain images reach 90% in 1.4 epochs instead of 2.5,
-# and the final accuracy did not drop: 0.9356 against 0.9347 with shifts throughout), 20 epochs (0.9380
-# against 0.9356 after 15, in about the training time 15 epochs took before batch norm ran fused).
-RECIPE = {
+# default: two 3x3 same-padded convs per block with narrower filters, batch norm, a cosine decay from a
+# higher peak rate, and random shifts once the first epochs on plain images are done. The runs behind
+# each choice, with their commands and figures, are in bench/results/recipe.md.
+RECIPE: Dict[str, Tuple[Callable[[str], Any], Any, Any]] = {
     #                  parser               seed         default
     "filters":         (_positive_int_list, (32, 64),    (16, 32)),
     "dense_units":     (int,                128,         256),
@@ -80,11 +76,11 @@ RECIPE = {
     "augment":         (str,                "none",      "shift"),
     "unaugmented_epochs": (int,             0,           2),
 }
-SEED_RECIPE = {key: seed for key, (_, seed, _) in RECIPE.items()}
-DEFAULT_RECIPE = {key: default for key, (_, _, default) in RECIPE.items()}
+SEED_RECIPE: Dict[str, Any] = {key: seed for key, (_, seed, _) in RECIPE.items()}
+DEFAULT_RECIPE: Dict[str, Any] = {key: default for key, (_, _, default) in RECIPE.items()}
 # quick: the default recipe over fewer epochs (its cosine decay spans those), what `make train` runs first.
 QUICK_EPOCHS = 3
-PRESETS = {
+PRESETS: Dict[str, Dict[str, Any]] = {
     "seed": SEED_RECIPE,
     "default": DEFAULT_RECIPE,
     "quick": dict(DEFAULT_RECIPE, epochs=QUICK_EPOCHS),
@@ -92,7 +88,8 @@ PRESETS = {
 # Values an --hparams-file may set (the recipe), and the settings a checkpoint must share with the run
 # that resumes from it: the data and the recipe, except epochs (a resumed run may train longer).
 HPARAM_KEYS = {key: parse for key, (parse, _, _) in RECIPE.items()}
-RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed") + tuple(key for key in RECIPE if key != "epochs")
+RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed") + tuple(
+    key for key in RECIPE if key != "epochs")
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "shift", "shift-flip")
 PADDINGS = ("valid", "same")
@@ -101,7 +98,7 @@ _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:[0-9.*]+)?$")
 # Cloud Storage bucket names: 3-63 characters (up to 222 with dots), lowercase letters, digits, -, _ and .,
 # starting and ending with a letter or digit.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
-# Upper bounds the machine or the numbers set (README, Settings): seeds are 32-bit (NumPy's generator and
+# Upper bounds the machine or the numbers set: seeds are 32-bit (NumPy's generator and
 # the data order), thread pools beyond a few per core only cost memory and start-up (50,000 hung here).
 MAX_SEED = 2 ** 32 - 1
 MAX_EPOCHS = 1_000_000
@@ -124,6 +121,11 @@ def bucket_problem(path: str) -> Optional[str]:
     return None
 
 
+# The default of every recipe field: None until __post_init__ fills in the preset's value, so typed as
+# the field's own type for everything that reads a built Config.
+FROM_PRESET: Any = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The resolved settings of one run. Built by `parse_config`; tests may build it directly.
@@ -137,19 +139,19 @@ class Config:
     data_dir: Optional[str] = None
     train_limit: Optional[int] = None
     validation_fraction: float = 0.1
-    epochs: int = None
-    batch_size: int = None
-    learning_rate: float = None
-    filters: Tuple[int, ...] = None
-    dense_units: int = None
-    dropout: float = None
-    convs_per_block: int = None
-    padding: str = None
-    batch_norm: bool = None
-    lr_schedule: str = None
-    warmup_epochs: float = None
-    augment: str = None
-    unaugmented_epochs: int = None
+    epochs: int = FROM_PRESET
+    batch_size: int = FROM_PRESET
+    learning_rate: float = FROM_PRESET
+    filters: Tuple[int, ...] = FROM_PRESET
+    dense_units: int = FROM_PRESET
+    dropout: float = FROM_PRESET
+    convs_per_block: int = FROM_PRESET
+    padding: str = FROM_PRESET
+    batch_norm: bool = FROM_PRESET
+    lr_schedule: str = FROM_PRESET
+    warmup_epochs: float = FROM_PRESET
+    augment: str = FROM_PRESET
+    unaugmented_epochs: int = FROM_PRESET
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -240,7 +242,8 @@ def validate(config: Config) -> None:
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
     require(0 <= config.cpu_devices <= MAX_CPU_DEVICES,
             f"--cpu-devices must be in [0, {MAX_CPU_DEVICES}], got {config.cpu_devices}")
-    for flag, value in (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads)):
+    threads = (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads))
+    for flag, value in threads:
         require(0 <= value <= max_threads(), f"{flag} must be in [0, {max_threads()}] (0: TensorFlow's choice; the "
                                              f"bound is 4 per CPU of this machine, at least 64), got {value}")
     require(0 <= config.cluster_wait <= MAX_CLUSTER_WAIT,
@@ -338,14 +341,54 @@ def _preset_values(key: str) -> str:
             f"{'' if quick == DEFAULT_RECIPE[key] else f', quick {shown(quick)}'}, seed {shown(SEED_RECIPE[key])})")
 
 
+# Settings that name this run's own folders or its resume mode: a follow-up command gets its own.
+_NOT_CARRIED = ("job_dir", "preset", "model_dir", "log_dir", "checkpoint_dir", "resume", "hypertune")
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def command_flags(config: Config, preset: str, skip: Sequence[str] = ()) -> list:
+    """The flags that make `python -m trainer.task --preset PRESET` train on this config's data with its
+    settings: every setting that differs from what that preset and the defaults give (its own folders,
+    resume mode and the keys in `skip` aside), as an argv list."""
+    baseline = Config(job_dir=config.job_dir, preset=preset)
+    argv = ["--preset", preset] if preset != "default" else []
+    for field in dataclasses.fields(Config):
+        name = field.name
+        value = getattr(config, name)
+        if name in _NOT_CARRIED or name in skip or value == getattr(baseline, name) or value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):  # --batch-norm / --no-batch-norm
+            argv.append(flag if value else f"--no-{name.replace('_', '-')}")
+        else:
+            argv += [flag, _flag_value(value)]
+    return argv
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def full_recipe_hint(config: Config, seconds_per_epoch: Optional[float]) -> str:
-    """The line a --preset quick run ends with: how to run the full default recipe, and how long its
-    training would take at this run's pace (seconds per epoch; None when no epoch was trained)."""
-    dataset = "" if config.dataset == "mnist" else f" --dataset {config.dataset}"
+    """The line a --preset quick run ends with: the command that trains the full default recipe on the same
+    data and settings into a sibling job dir, and how long its training would take at this run's pace
+    (seconds per epoch; None when no epoch was trained)."""
+    import shlex
+
     epochs = DEFAULT_RECIPE["epochs"]
-    pace = "" if not seconds_per_epoch else f", about {seconds_per_epoch * epochs / 60:.0f} min of training at this run's pace"
-    return (f"quick preset: {config.epochs} epochs of the default recipe; for the full recipe run "
-            f"`python -m trainer.task{dataset}` ({epochs} epochs{pace})")
+    job_dir = config.job_dir.rstrip("/") + "-full"
+    argv = ["python", "-m", "trainer.task", *command_flags(config, "default", skip=("epochs",)),
+            "--job-dir", job_dir]
+    pace = ("" if not seconds_per_epoch
+            else f", about {_duration(seconds_per_epoch * epochs)} of training at this run's pace")
+    plural = "epoch" if config.epochs == 1 else "epochs"
+    return (f"quick preset: {config.epochs} {plural} of the default recipe; for the full recipe run "
+            f"`{shlex.join(argv)}` ({epochs} epochs{pace})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,11 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and export a CNN on MNIST-format 28x28 grayscale images.",
         formatter_class=HelpFormatter,
     )
+    _add_data_flags(parser)
+    _add_recipe_and_output_flags(parser)
+    _add_distribution_flags(parser)
+    return parser
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="mnist",
                       help="a TFDS name (mnist, fashion_mnist, kmnist) or idx:FOLDER (local or gs://) "
                            "holding the four MNIST-format IDX files, gzipped or not")
-    data.add_argument("--data-dir", default=None, help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    data.add_argument("--data-dir", default=None,
+                      help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     data.add_argument("--train-limit", type=int, default=None,
                       help="use at most this many training examples (before the validation split; default: all)")
     data.add_argument("--validation-fraction", type=float, default=0.1,
@@ -367,10 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto (from TFDS, or 'fashion' when the idx folder name says so), digits, fashion, "
                            "or ten comma-separated names")
 
+
+def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
+    """The recipe flags (unset ones come from --preset) and the output folders."""
     model = parser.add_argument_group("model and training (unset values come from --preset)")
     model.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="seed: the seed notebook's exact recipe; default: this project's recipe (README, "
-                            f"Results); quick: the default recipe over {QUICK_EPOCHS} epochs (what `make train` "
+                       help="seed: the seed notebook's exact recipe; default: this project's recipe, chosen "
+                            f"by measurement; quick: the default recipe over {QUICK_EPOCHS} epochs (what `make train` "
                             "runs); each flag below shows the values")
 
     def recipe_flag(flag: str, help_text: str, **kwargs):
@@ -413,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--hparams-file", default=None,
                        help="JSON of flag values (e.g. tuning's best_hyperparameters.json); explicit flags win")
 
+
+def _add_distribution_flags(parser: argparse.ArgumentParser) -> None:
     dist = parser.add_argument_group("distribution")
     dist.add_argument("--strategy", choices=STRATEGIES, default="auto",
                       help="tf.distribute strategy; auto picks the best the machine offers")
@@ -425,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto: bf16 on TPU, fp16 (with loss scaling) on GPU, off on CPU; outputs stay float32")
     dist.add_argument("--jit-compile", choices=JIT_COMPILE, default="auto",
                       help="XLA-compile the train and predict steps: auto = implicit on TPU, on for GPU, off on "
-                           "CPU (slower there, measured; README)")
+                           "CPU (slower there, measured)")
     dist.add_argument("--intra-op-threads", type=int, default=0,
                       help="threads inside one op (0: all cores on a CPU-only host, else TensorFlow's choice)")
     dist.add_argument("--inter-op-threads", type=int, default=0,
@@ -439,7 +495,6 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--steps-per-execution", type=int, default=20,
                       help="training steps run per tf.function call (fewer Python round trips; signals and "
                            "the progress bar are handled between calls)")
-    return parser
 
 
 def default_job_dir(environ: Mapping[str, str], now: Optional[datetime.datetime] = None) -> str:

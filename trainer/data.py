@@ -20,6 +20,7 @@ import numpy as np
 
 from trainer.config import CLASS_NAME_SETS, Config
 from trainer.errors import TrainerError
+from trainer.images import IMAGE_SIZE, NUM_CLASSES
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -64,9 +65,9 @@ def read_idx(path: str, kind: str) -> np.ndarray:
     shape: Tuple[int, ...] = (count,)
     if kind == "images":
         rows, cols = struct.unpack(">II", raw[8:16])
-        if (rows, cols) != (28, 28):
-            raise TrainerError(f"{path}: images are {rows}x{cols}, expected 28x28")
-        shape = (count, 28, 28)
+        if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise TrainerError(f"{path}: images are {rows}x{cols}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+        shape = (count, IMAGE_SIZE, IMAGE_SIZE)
     body = raw[header_size:]
     expected = int(np.prod(shape))
     if len(body) != expected:
@@ -117,12 +118,12 @@ def load_idx_folder(folder: str) -> dict:
 def write_idx(folder: str, split: str, images: np.ndarray, labels: np.ndarray, compress: bool = False) -> None:
     """Write arrays as MNIST-format IDX files (used by tests and to prepare offline data)."""
     os.makedirs(folder, exist_ok=True)
-    images = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
+    images = np.asarray(images, dtype=np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE)
     labels = np.asarray(labels, dtype=np.uint8).reshape(-1)
     opener = gzip.open if compress else open
     suffix = ".gz" if compress else ""
     with opener(os.path.join(folder, IDX_FILES[f"{split}_images"] + suffix), "wb") as handle:
-        handle.write(struct.pack(">IIII", _IMAGES_MAGIC, len(images), 28, 28) + images.tobytes())
+        handle.write(struct.pack(">IIII", _IMAGES_MAGIC, len(images), IMAGE_SIZE, IMAGE_SIZE) + images.tobytes())
     with opener(os.path.join(folder, IDX_FILES[f"{split}_labels"] + suffix), "wb") as handle:
         handle.write(struct.pack(">II", _LABELS_MAGIC, len(labels)) + labels.tobytes())
 
@@ -199,8 +200,9 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...]
     features = builder.info.features
     image_shape = tuple(features["image"].shape) if "image" in features else None
     num_classes = getattr(features["label"], "num_classes", None) if "label" in features else None
-    if image_shape != (28, 28, 1) or num_classes != 10:
-        raise TrainerError(f"--dataset {name}: needs 28x28x1 images and 10 labels, this dataset has "
+    if image_shape != (IMAGE_SIZE, IMAGE_SIZE, 1) or num_classes != NUM_CLASSES:
+        raise TrainerError(f"--dataset {name}: needs {IMAGE_SIZE}x{IMAGE_SIZE}x1 images and {NUM_CLASSES} labels, "
+                           "this dataset has "
                            f"images {image_shape} and {num_classes} labels")
     if not prepared:
         _require_download_host(name)
@@ -212,7 +214,7 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...]
     arrays = {}
     for split, tfds_split in (("train", "train"), ("test", "test")):
         images, labels = tfds.as_numpy(builder.as_dataset(split=tfds_split, batch_size=-1, as_supervised=True))
-        arrays[f"{split}_images"] = images.reshape(-1, 28, 28).astype(np.uint8)
+        arrays[f"{split}_images"] = images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE).astype(np.uint8)
         arrays[f"{split}_labels"] = labels.astype(np.uint8)
     return arrays, tuple(features["label"].names)
 
@@ -322,7 +324,7 @@ def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoc
         if augment != "none":
             from trainer.augment import batch_seed, shift_and_flip
 
-            batch_images = shift_and_flip(tf.ensure_shape(batch_images, [batch, 28, 28, 1]),
+            batch_images = shift_and_flip(tf.ensure_shape(batch_images, [batch, IMAGE_SIZE, IMAGE_SIZE, 1]),
                                           batch_seed(seed, epoch, number), flip=augment == "shift-flip")
         return batch_images, batch_labels
 

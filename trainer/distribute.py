@@ -16,8 +16,9 @@ import os
 import re
 import socket
 import time
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
+from trainer.config import Config
 from trainer.errors import Interrupted, TrainerError
 
 # Vertex AI worker pools, in CLUSTER_SPEC order, as TF_CONFIG task types.
@@ -47,7 +48,7 @@ def configure_host(cpu_devices: int = 0, intra_op_threads: int = 0, inter_op_thr
     import tensorflow as tf
 
     threading = tf.config.threading
-    # Measured on a 2-core CPU (README): one inter-op thread and every core inside each op beat
+    # Measured on a 2-core CPU: one inter-op thread and every core inside each op beat
     # TensorFlow's own choice by about 5% for this model; with GPUs TensorFlow keeps its choice.
     cpu_only = not tf.config.list_physical_devices("GPU")
     wanted = [(intra_op_threads or (os.cpu_count() or 1 if cpu_only else 0), bool(intra_op_threads),
@@ -126,6 +127,51 @@ def attached_tpu(environ: Mapping[str, str], tpu: Optional[str] = None) -> Optio
     return None
 
 
+# TensorFlow reaches the chips of a TPU VM through libtpu's PJRT plugin. TensorFlow reads these variables
+# when it is imported (it loads TF_PLUGGABLE_DEVICE_LIBRARY_PATH then), so they must be set before that.
+PJRT_ENVIRONMENT = {"PJRT_DEVICE": "TPU", "NEXT_PLUGGABLE_DEVICE_USE_C_API": "true"}
+# Where TPU VM images without the libtpu package keep the library.
+SYSTEM_LIBTPU = "/lib/libtpu.so"
+
+
+def libtpu_library() -> Optional[str]:
+    """Path of libtpu's shared library: the `libtpu` package's libtpu.so (located without importing the
+    package), else the TPU VM image's /lib/libtpu.so; None when neither exists."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("libtpu")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(folder, "libtpu.so")
+        if os.path.isfile(candidate):
+            return candidate
+    return SYSTEM_LIBTPU if os.path.isfile(SYSTEM_LIBTPU) else None
+
+
+def tpu_environment(strategy: str, environ: Mapping[str, str], tpu: Optional[str] = None) -> dict:
+    """The PJRT variables to add before TensorFlow loads, or {}: only when the run asks for this host's
+    TPU (`--strategy tpu`, or `auto` with a TPU attached, resolved as 'local') and libtpu is installed.
+    Variables the environment already sets are left as they are."""
+    if strategy not in ("tpu", "auto"):
+        return {}
+    target = attached_tpu(environ, tpu) or ("local" if strategy == "tpu" else None)
+    library = libtpu_library() if target == "local" else None
+    if not library:
+        return {}
+    wanted = dict(PJRT_ENVIRONMENT, TF_PLUGGABLE_DEVICE_LIBRARY_PATH=library)
+    return {name: value for name, value in wanted.items() if name not in environ}
+
+
+def prepare_tpu_environment(strategy: str, tpu: Optional[str] = None, environ=None) -> dict:
+    """Set `tpu_environment`'s variables in `environ` (default os.environ); returns what it set."""
+    environ = os.environ if environ is None else environ
+    added = tpu_environment(strategy, environ, tpu)
+    environ.update(added)
+    return added
+
+
 def auto_choice(environ: Mapping[str, str], num_gpus: int) -> str:
     """What `auto` means once no TPU answered: multi_worker in a cluster, mirrored over 2+ GPUs, else default."""
     if cluster_config(environ):
@@ -143,8 +189,26 @@ def _connect_tpu(tpu: str):
         return tf.distribute.TPUStrategy(resolver)
     except Exception as error:  # ValueError, NotFoundError, IndexError... depending on the host
         raise TrainerError(f"--strategy tpu: cannot reach TPU {tpu!r} ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); use "
-                           "--strategy auto or default on machines without a TPU") from None
+                           f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); "
+                           f"{tpu_hint(tpu, error)}") from None
+
+
+def tpu_hint(tpu: str, error: BaseException) -> str:
+    """What to do about a TPU that could not be reached, from what is known of this host."""
+    if "ConfigureDistributedTPU" in str(error):  # TensorFlow started without TPU kernels
+        import importlib.metadata
+
+        try:
+            importlib.metadata.version("tensorflow-tpu")
+        except importlib.metadata.PackageNotFoundError:
+            return ("this TensorFlow has no TPU support: install tensorflow-tpu (pip install 'mnist-trainer[tpu]') "
+                    "in place of tensorflow or tensorflow-cpu")
+        settings = ", ".join(f"{name}={os.environ.get(name, '(unset)')}" for name in
+                             [*PJRT_ENVIRONMENT, "TF_PLUGGABLE_DEVICE_LIBRARY_PATH"])
+        return f"TensorFlow started without libtpu's PJRT plugin ({settings})"
+    if tpu == "local" and not libtpu_library():
+        return "libtpu is not installed (pip install 'mnist-trainer[tpu]' brings it)"
+    return "use --strategy auto or default on machines without a TPU"
 
 
 # How long a worker waits for the rest of its cluster to start before it gives up (--cluster-wait). Vertex
@@ -200,12 +264,12 @@ def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None
     its peers' ports from Python. A stop signal during the wait gives the peers SIGNAL_GRACE_SECONDS more
     to appear (the training loop's first vote then stops everyone together); then this task stops alone.
     """
-    task = tf_config.get("task", {})
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
     try:
-        own = tf_config["cluster"][task.get("type")][int(task.get("index", 0))]
+        own = cluster[task.get("type")][int(task.get("index", 0))]
     except (KeyError, IndexError, TypeError, ValueError):
         raise TrainerError(f"TF_CONFIG: this task ({task.get('type')} {task.get('index', 0)}) is not in its "
-                           f"cluster ({', '.join(f'{kind} x{len(hosts)}' for kind, hosts in tf_config['cluster'].items())})"
+                           f"cluster ({', '.join(f'{kind} x{len(hosts)}' for kind, hosts in cluster.items())})"
                            ) from None
     peers = cluster_peers(tf_config)
     started = time.monotonic()
@@ -302,10 +366,24 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
 
         wait_for_peers(tf_config, cluster_wait, log, RunSignals.current)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+        if RunSignals.current is not None:
+            RunSignals.current.reclaim()  # the strategy took SIGTERM over
         return Resolved(strategy, "multi_worker", is_chief, task_type, task_id, len(training_tasks(tf_config)))
     if name == "tpu":
         return Resolved(_connect_tpu(attached_tpu(environ, tpu) or "local"), "tpu")
     raise ValueError(f"unknown strategy {name!r}")
+
+
+def set_up(config: Config, environ: Mapping[str, str], log=print) -> Resolved:
+    """The host's devices and thread pools as the config asks, then the strategy it names."""
+    configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
+    return resolve_strategy(config.strategy, environ, config.tpu, config.cluster_wait, log)
+
+
+def precision_and_compilation(config: Config, resolved: Resolved) -> Tuple[str, Optional[bool]]:
+    """The Keras dtype policy and the step functions' `jit_compile` for this config on this strategy."""
+    return (mixed_precision_policy(config.mixed_precision, resolved),
+            jit_compile_setting(config.jit_compile, resolved))
 
 
 def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
@@ -325,8 +403,8 @@ def mixed_precision_policy(setting: str, resolved: Resolved) -> str:
 
 def jit_compile_setting(setting: str, resolved: Resolved) -> Optional[bool]:
     """`jit_compile` for the train and predict functions: None on a TPU (every TPU step is XLA already),
-    else on for `on`, and for `auto` on a GPU only: on this project's 2-core CPU the XLA-compiled step
-    was slower (README, TPU and XLA). Several CPU replicas (MirroredStrategy over logical CPU devices, or
+    else on for `on`, and for `auto` on a GPU only: on a 2-core CPU the XLA-compiled step was slower
+    (docs/tpu.md). Several CPU replicas (MirroredStrategy over logical CPU devices, or
     CPU workers) cannot run the compiled step in TensorFlow 2.21, so `on` there is refused."""
     import tensorflow as tf
 

@@ -7,9 +7,10 @@ from typing import List, Sequence
 
 import numpy as np
 
-from trainer import export
+from trainer import atomic, export, plots
 from trainer.config import Config
 from trainer.errors import writing
+from trainer.images import describe_images
 
 
 def weights_checksum(model) -> str:
@@ -53,22 +54,18 @@ def write_outputs(config: Config, outputs, model, splits, metrics: dict, predict
     """`predictions` holds the final model's classes for `validation` and `test`. Every worker exports
     (saving may involve collectives); only the chief's model, plots and metrics.json land."""
     val_images, val_labels = splits.validation
-    misclassified = export.misclassified_png(val_images, val_labels, predictions["validation"], splits.class_names)
+    misclassified = plots.misclassified_png(val_images, val_labels, predictions["validation"], splits.class_names)
     summaries.image("misclassified", misclassified, step=config.epochs)
     with writing(f"--model-dir {config.model_dir}: cannot write the model",
                  "the previous model there, if any, is untouched; the checkpoints are kept, so a rerun exports again"):
-        export.export_model(model, outputs.model_dir, splits.class_names)
+        export.export_model(model, outputs.model_dir, splits.class_names, describe_images(splits.train[0]))
     if not outputs.is_chief:
         return
     outputs.publish_model()
-    pngs = export.curve_pngs(metrics["history"])
-    matrix = export.confusion_matrix(splits.test[1], predictions["test"])
-    pngs["confusion_matrix.png"] = export.confusion_png(
-        matrix, splits.class_names, f"{short_name(splits.name)} test set: accuracy {metrics['test_accuracy']:.4f}")
-    pngs["misclassified.png"] = misclassified
+    title = f"{short_name(splits.name)} test set: accuracy {metrics['test_accuracy']:.4f}"
     with writing(f"--job-dir {config.job_dir}: cannot write plots/ and metrics.json", "the model is exported"):
-        export.write_plots(outputs.plots_dir, pngs)
-        export.write_json_atomic(outputs.metrics_path, metrics)
+        plots.write_run_plots(outputs.plots_dir, metrics["history"], splits.test[1], predictions["test"],
+                              splits.class_names, title, misclassified)
+        atomic.write_json(outputs.metrics_path, metrics)
     outputs.publish_job_files()
-    log(f"wrote {outputs.shown('model_dir')}, metrics.json and plots/ in {outputs.shown('job_dir')}, "
-        f"logs in {outputs.shown('log_dir')}")
+    log(outputs.written_line())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import functools
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from trainer import storage
 from trainer.errors import TrainerError
@@ -39,7 +40,8 @@ def _owner(environ: Mapping[str, str]) -> dict:
         except (ValueError, AttributeError):
             task = {}
         replica = f"{environ['CLOUD_ML_JOB_ID']}/{task.get('type', 'workerpool0')}/{task.get('index', 0)}"
-    return dict(host=socket.gethostname(), pid=os.getpid(), started=_now(), heartbeat=time.time(), token=uuid.uuid4().hex,
+    return dict(host=socket.gethostname(), pid=os.getpid(), started=_now(), heartbeat=time.time(),
+                token=uuid.uuid4().hex,
                 command=" ".join(os.path.basename(arg) if index == 0 else arg for index, arg in enumerate(sys.argv)),
                 replica=replica)
 
@@ -159,8 +161,8 @@ class GcsLock:
         from google.api_core import exceptions
 
         self.owner["heartbeat"] = time.time()
-        storage.call(lambda: self.blob.upload_from_string(json.dumps(self.owner), if_generation_match=if_generation_match,
-                                                          retry=None, timeout=storage.TIMEOUT),
+        storage.call(functools.partial(self.blob.upload_from_string, json.dumps(self.owner),
+                                       if_generation_match=if_generation_match, retry=None, timeout=storage.TIMEOUT),
                      f"locking {self.blob.name}", passthrough=(exceptions.PreconditionFailed,))
         self.generation = self.blob.generation
 
@@ -203,7 +205,10 @@ class GcsLock:
             pass  # gone, taken over or unreachable: a stale lock is taken over after STALE_SECONDS
 
 
-def acquire(job_dir: str, flag: str = "--job-dir", environ: Optional[Mapping[str, str]] = None):
+Lock = Union[LocalLock, GcsLock]
+
+
+def acquire(job_dir: str, flag: str = "--job-dir", environ: Optional[Mapping[str, str]] = None) -> Lock:
     """Lock `job_dir` (which must exist when local) for this process, or raise TrainerError naming the holder."""
     environ = os.environ if environ is None else environ
     if storage.is_gcs(job_dir):

@@ -13,9 +13,7 @@ import os
 from typing import Sequence
 
 from trainer.errors import TrainerError
-
-IMAGE_SIZE = 28
-NUM_CLASSES = 10
+from trainer.images import IMAGE_SIZE, NUM_CLASSES
 
 
 def feature_map_sizes(filters: Sequence[int], size: int = IMAGE_SIZE, convs_per_block: int = 1,
@@ -70,7 +68,7 @@ def training_memory_bytes(config, batch_size: int) -> int:
     size, channels, weights, activations = IMAGE_SIZE, 1, 0, 0
     per_activation = 3 if config.batch_norm else 2
     sizes = feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
-    for filters, pooled in zip(config.filters, sizes):
+    for filters, pooled in zip(config.filters, sizes, strict=True):
         for _ in range(config.convs_per_block):
             size = size if config.padding == "same" else size - 2
             weights += 9 * channels * filters + filters
@@ -100,8 +98,8 @@ def fused_batch_norm_layer():
 
     Keras 3 normalises with moments and a chain of element-wise ops, each a pass over the activations
     and each differentiated on its own; TensorFlow's FusedBatchNormV3 does the forward pass and the
-    gradient in one kernel each (XLA compiles it too). On the 2-core development CPU the default network's
-    training step ran about 1.5x faster with it (README, Results). Same variables, same moving-average update
+    gradient in one kernel each (XLA compiles it too). On a 2-core CPU the default network's training step
+    ran about 1.5x faster with it (bench/results/recipe.md). Same variables, same moving-average update
     (biased batch variance, as Keras keeps it), and inference is the stock layer's code, so checkpoints of
     either layer restore into the other; export saves stock layers (`stock_model`).
     """
@@ -114,8 +112,10 @@ def fused_batch_norm_layer():
     class FusedBatchNormalization(keras.layers.BatchNormalization):
         def call(self, inputs, training=None, mask=None):
             rank = len(inputs.shape)
-            if (not (training and self.trainable) or mask is not None or self.renorm or self.synchronized
-                    or rank not in (2, 4) or self.axis not in (-1, rank - 1)):
+            # Keras 3.13 has no batch renormalisation (no `renorm` attribute): the fused path then
+            # applies whenever the other conditions hold.
+            if (not (training and self.trainable) or mask is not None or getattr(self, "renorm", False)
+                    or getattr(self, "synchronized", False) or rank not in (2, 4) or self.axis not in (-1, rank - 1)):
                 return super().call(inputs, training=training, mask=mask)
             x = tf.cast(inputs, tf.float32)  # as the stock layer: statistics in float32 whatever the policy
             if rank == 2:
@@ -175,7 +175,7 @@ def build_model(config, bn_momentum: float = 0.9):
     for block, filters in enumerate(config.filters, start=1):
         for conv in range(1, config.convs_per_block + 1):
             name = f"conv{block}" if config.convs_per_block == 1 else f"conv{block}_{conv}"
-            if config.batch_norm:
+            if batch_norm is not None:
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, use_bias=False, name=name)(x)
                 x = batch_norm(momentum=bn_momentum, name=f"{name}_bn")(x)
                 x = keras.layers.Activation("relu", name=f"{name}_relu")(x)
@@ -183,7 +183,7 @@ def build_model(config, bn_momentum: float = 0.9):
                 x = keras.layers.Conv2D(filters, 3, padding=config.padding, activation="relu", name=name)(x)
         x = keras.layers.MaxPooling2D(2, name=f"pool{block}")(x)
     x = keras.layers.Flatten(name="flatten")(x)
-    if config.batch_norm:
+    if batch_norm is not None:
         x = keras.layers.Dense(config.dense_units, use_bias=False, name="dense")(x)
         x = batch_norm(momentum=bn_momentum, name="dense_bn")(x)
         x = keras.layers.Activation("relu", name="dense_relu")(x)
@@ -192,3 +192,21 @@ def build_model(config, bn_momentum: float = 0.9):
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
+
+
+def summary(model) -> list:
+    """The model as a Keras user reads it: a headline with the parameter counts, then one row per layer
+    (name, type, output shape without the batch, parameters)."""
+    import math
+
+    trainable = sum(math.prod(weight.shape) for weight in model.trainable_weights)
+    total = sum(math.prod(weight.shape) for weight in model.weights)
+    rows = [("layer", "type", "output shape", "parameters")]
+    for layer in model.layers:
+        rows.append((layer.name, type(layer).__name__, str(tuple(layer.output.shape[1:])),
+                     f"{layer.count_params():,}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    return [f"model {model.name}: {len(model.layers)} layers, {total:,} parameters ({trainable:,} trainable)",
+            *table]

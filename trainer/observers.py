@@ -3,9 +3,10 @@
 The loop calls, in this order: `on_train_begin(model, initial_epoch)`; per epoch `on_epoch_begin(epoch)`,
 then per multi-step call `clip_chunk` / `on_chunk_begin(global_step)` / `on_chunk_end(global_step)` /
 `on_batch_metrics(global_step, loss, accuracy)` (the call's own means, once its loss is known to be
-finite) / `on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)` (the epoch's mean so far), then `on_steps_end(epoch)` when the
-epoch's steps are over (complete or stopped), and `on_epoch_end(epoch, row, timing)` once the epoch is
-evaluated and saved; `on_train_end()` after the last epoch. Epochs are 0-based here, as in Keras.
+finite) / `on_train_steps(epoch, steps_done, steps_per_epoch, mean_loss)` (the epoch's mean so far), then
+`on_steps_end(epoch)` when the epoch's steps are over (complete or stopped), and
+`on_epoch_end(epoch, row, timing)` once the epoch is evaluated and saved; `on_train_end()` after the last
+epoch. Epochs are 0-based here, as in Keras.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 
 class Observer:
@@ -61,8 +62,8 @@ def _fan_out(name: str):
     return call
 
 
-for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_batch_metrics", "on_train_steps",
-              "on_steps_end", "on_epoch_end", "on_train_end"):
+for _name in ("on_train_begin", "on_epoch_begin", "on_chunk_begin", "on_chunk_end", "on_batch_metrics",
+              "on_train_steps", "on_steps_end", "on_epoch_end", "on_train_end"):
     setattr(Observers, _name, _fan_out(_name))
 
 
@@ -72,24 +73,53 @@ def epoch_line(row: dict, timing: dict, epochs: int) -> str:
             f"{timing['examples_per_second']:,.0f} examples/s  {timing['seconds']:.1f} s")
 
 
-class Console(Observer):
-    """The epoch line once an epoch is saved, and a one-line progress bar while it trains (only when
-    stdout is a terminal; erased before the epoch line)."""
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
-    def __init__(self, epochs: int, log=print, width: int = 30):
-        self.epochs, self.log, self.width = epochs, log, width
+
+def progress_line(epoch: int, epochs: int, steps_done: int, steps_per_epoch: int, mean_loss: float,
+                  eta: Optional[float], width: int = 30) -> str:
+    """`epoch 2/20 [=====.....] 140/421 loss 0.3127 ETA 0:41` (no ETA before the pace is known)."""
+    filled = int(width * steps_done / max(steps_per_epoch, 1))
+    return (f"epoch {epoch + 1}/{epochs} [{'=' * filled}{'.' * (width - filled)}] {steps_done}/{steps_per_epoch} "
+            f"loss {mean_loss:.4f}" + (f" ETA {_clock(eta)}" if eta is not None else ""))
+
+
+class Console(Observer):
+    """The epoch line once an epoch is saved. While an epoch trains: on a terminal a one-line progress bar
+    with the time left (erased before the epoch line); in a log (Vertex AI, a pipe) the same as a line every
+    `every` seconds, so only long epochs print it. The time left is paced from the epoch's first multi-step
+    call on (the first one may include tracing)."""
+
+    def __init__(self, epochs: int, log=print, width: int = 30, every: float = 60.0):
+        self.epochs, self.log, self.width, self.every = epochs, log, width, every
         self.enabled = sys.stdout.isatty()
+        self._pace_from: Optional[tuple] = None
+        self._last_line = 0.0
+
+    def on_epoch_begin(self, epoch):
+        self._pace_from, self._last_line = None, time.monotonic()
 
     def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
+        now = time.monotonic()
+        eta = None
+        if self._pace_from is None:
+            self._pace_from = (now, steps_done)
+        elif steps_done > self._pace_from[1] and now > self._pace_from[0]:
+            pace = (steps_done - self._pace_from[1]) / (now - self._pace_from[0])
+            eta = (steps_per_epoch - steps_done) / pace
+        line = progress_line(epoch, self.epochs, steps_done, steps_per_epoch, mean_loss, eta, self.width)
         if self.enabled:
-            filled = int(self.width * steps_done / max(steps_per_epoch, 1))
-            sys.stdout.write(f"\repoch {epoch + 1}/{self.epochs} [{'=' * filled}{'.' * (self.width - filled)}] "
-                             f"{steps_done}/{steps_per_epoch} loss {mean_loss:.4f}")
+            sys.stdout.write("\r" + line)
             sys.stdout.flush()
+        elif eta is not None and steps_done < steps_per_epoch and now - self._last_line >= self.every:
+            self.log(line)
+            self._last_line = now
 
     def on_steps_end(self, epoch):
         if self.enabled:
-            sys.stdout.write("\r" + " " * 80 + "\r")
+            sys.stdout.write("\r" + " " * 100 + "\r")
             sys.stdout.flush()
 
     def on_epoch_end(self, epoch, row, timing):
@@ -203,7 +233,8 @@ class KerasCallbacks(Observer):
 
     def on_train_steps(self, epoch, steps_done, steps_per_epoch, mean_loss):
         for callback in self.callbacks:
-            callback.on_train_batch_end(steps_done - 1, logs=dict(steps_done=steps_done, steps_per_epoch=steps_per_epoch))
+            logs = dict(steps_done=steps_done, steps_per_epoch=steps_per_epoch)
+            callback.on_train_batch_end(steps_done - 1, logs=logs)
 
     def on_epoch_end(self, epoch, row, timing):
         for callback in self.callbacks:
@@ -242,3 +273,12 @@ class Profiler(Observer):
 
     def on_train_end(self):
         self.on_chunk_end(float("inf"))  # END beyond the last step: stop with the training
+
+
+def for_run(config, log_dir: str, sync_logs, learning_rate_at, log, extra: Iterable[Observer] = ()):
+    """A run's observers, in the order they are told: TensorBoard summaries, the console, hypertune when
+    asked, the profiler, then `extra` (Keras callbacks, a tuner's). Returns (summaries, all of them)."""
+    summaries = Summaries(log_dir, config.to_dict(), sync_logs, learning_rate_at)
+    observers = Observers([summaries, Console(config.epochs, log), *([Hypertune()] if config.hypertune else []),
+                           Profiler(config.profile_steps, log_dir), *extra])
+    return summaries, observers

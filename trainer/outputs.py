@@ -14,8 +14,8 @@ import shutil
 import tempfile
 from typing import Dict, List, Optional
 
-from trainer import export, joblock, storage
-from trainer.config import Config
+from trainer import atomic, joblock, model_folder, storage
+from trainer.config import Config, join_path
 from trainer.errors import TrainerError
 
 NAMES = ("job_dir", "model_dir", "log_dir", "checkpoint_dir")
@@ -30,8 +30,8 @@ class Outputs:
     is_chief: bool
     restore_dir: Optional[str]  # a local folder holding the checkpoints to resume from (None: start fresh)
     remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
-    scratch: Optional[str] = None
-    lock: Optional[object] = None  # the chief's hold on the job dir (trainer.joblock)
+    scratch: str = ""  # this process's temporary folder ("" when it writes straight to its outputs)
+    lock: Optional[joblock.Lock] = None  # the chief's hold on the job dir
     created: List[str] = dataclasses.field(default_factory=list)  # local folders this run made, outermost first
 
     @property
@@ -46,6 +46,10 @@ class Outputs:
         """The user's path for an output (the gs:// URL when staged)."""
         return self.remote.get(name, getattr(self, name))
 
+    def written_line(self) -> str:
+        return (f"wrote {self.shown('model_dir')}, metrics.json and plots/ in {self.shown('job_dir')}, "
+                f"logs in {self.shown('log_dir')}")
+
     def sync_logs(self) -> None:
         if "log_dir" in self.remote:
             storage.sync_up(self.log_dir, self.remote["log_dir"])
@@ -58,6 +62,19 @@ class Outputs:
     def publish_model(self) -> None:
         if "model_dir" in self.remote:
             storage.publish_model(self.model_dir, self.remote["model_dir"])
+
+    @property
+    def model_summary_path(self) -> str:
+        return os.path.join(self.job_dir, "model_summary.txt")
+
+    def write_model_summary(self, lines: List[str]) -> str:
+        """The chief keeps the model's layer table in the job dir; returns the headline to print."""
+        if not self.is_chief:
+            return lines[0]
+        atomic.write_bytes(self.model_summary_path, ("\n".join(lines) + "\n").encode())
+        if "job_dir" in self.remote:
+            storage.upload_file(self.model_summary_path, f"{self.remote['job_dir'].rstrip('/')}/model_summary.txt")
+        return f"{lines[0]}; layers in {join_path(self.shown('job_dir'), 'model_summary.txt')}"
 
     def publish_job_files(self) -> None:
         """Plots, then metrics.json last: its presence says the run finished."""
@@ -86,7 +103,7 @@ class Outputs:
 
 def _new_folders(path: str) -> List[str]:
     """The folders `os.makedirs(path)` would create, outermost first."""
-    missing = []
+    missing: List[str] = []
     path = os.path.abspath(path)
     while not os.path.exists(path):
         missing.insert(0, path)
@@ -117,12 +134,12 @@ def _check_chief_outputs(config: Config) -> None:
     if overlap:
         raise TrainerError(overlap)
     # only a folder holding nothing but what an export writes (a publish cut short included) is replaced
-    safe = (export.is_exported_model(storage.list_objects(config.model_dir)) if storage.is_gcs(config.model_dir)
-            else export.is_model_folder(config.model_dir.rstrip("/") or "/"))
+    safe = (model_folder.is_exported_model(storage.list_objects(config.model_dir)) if storage.is_gcs(config.model_dir)
+            else model_folder.is_model_folder(config.model_dir.rstrip("/") or "/"))
     if not safe:
-        raise export.foreign_model_dir(config.model_dir)
+        raise model_folder.foreign_model_dir(config.model_dir)
     if not storage.is_gcs(config.model_dir):
-        export.remove_export_debris(config.model_dir)
+        model_folder.remove_export_debris(config.model_dir)
 
 
 def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> Outputs:
@@ -134,7 +151,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
     requested = {name: getattr(config, name) for name in NAMES}
     staged = not is_chief or any(storage.is_gcs(path) for path in requested.values())
     scratch = tempfile.mkdtemp(prefix=f"worker{task_id}-" if not is_chief else "mnist-trainer-staging-") \
-        if staged else None
+        if staged else ""
     local, remote = {}, {}
     for name, path in requested.items():
         if not is_chief or storage.is_gcs(path):
@@ -143,7 +160,8 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
                 remote[name] = path
         else:
             local[name] = path
-    lock, created = None, []
+    lock: Optional[joblock.Lock] = None
+    created: List[str] = []
     try:
         for url in dict.fromkeys(remote.values()):
             storage.check_writable(url)
@@ -166,7 +184,8 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
             shutil.rmtree(scratch, ignore_errors=True)
         if lock is not None:
             lock.release()
-        Outputs(is_chief=is_chief, restore_dir=None, created=created, **local).remove_unused_folders()
+        Outputs(local["job_dir"], local["model_dir"], local["log_dir"], local["checkpoint_dir"], is_chief=is_chief,
+                restore_dir=None, created=created).remove_unused_folders()
         raise
-    return Outputs(is_chief=is_chief, restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock,
-                   created=created, **local)
+    return Outputs(local["job_dir"], local["model_dir"], local["log_dir"], local["checkpoint_dir"], is_chief=is_chief,
+                   restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock, created=created)

@@ -19,6 +19,7 @@ import numpy as np
 
 from trainer import data as data_lib
 from trainer.config import Config
+from trainer.images import IMAGE_SIZE
 
 EVAL_BATCH_SIZE = 1000
 # Keras clips probabilities to [1e-7, 1], so an honest cross-entropy never exceeds -ln(1e-7) = 16.1 per
@@ -32,7 +33,14 @@ class TrainState:
     optimizer: object
     epoch: object  # tf.Variable: epochs completed
     step: object  # tf.Variable: steps completed in the current epoch (non-zero only after a mid-epoch stop)
-    checkpoint: object  # tf.train.Checkpoint of all the above
+    partial: object  # tf.Variable: PARTIAL_SUMS of those steps, so a resumed epoch's figures cover all of it
+    checkpoint: object  # tf.train.Checkpoint of all the above, the model's random-number states and the stash
+    restorable: object  # the same without the stash: what every checkpoint of these settings must match
+    stash: Optional["StatisticsStash"] = None
+
+
+# What a mid-epoch checkpoint keeps of the interrupted epoch's steps, in this order.
+PARTIAL_SUMS = ("loss_sum", "correct", "examples", "seconds")
 
 
 def learning_rate_schedule(config: Config, steps_per_epoch: int):
@@ -81,8 +89,81 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
             model.set_weights(initial_weights)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step_in_epoch")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch, step=step)
-    return TrainState(model, optimizer, epoch, step, checkpoint)
+        partial = tf.Variable(tf.zeros(len(PARTIAL_SUMS), tf.float64), trainable=False, name="epoch_partial_sums")
+        stash = StatisticsStash.make(strategy, model)
+    parts = dict(model=model, optimizer=optimizer, epoch=epoch, step=step, partial=partial,
+                 random=random_states(model))
+    restorable = tf.train.Checkpoint(**parts)
+    checkpoint = tf.train.Checkpoint(**parts, **({stash.key: stash.variables} if stash else {}))
+    return TrainState(model, optimizer, epoch, step, partial, checkpoint, restorable, stash)
+
+
+def random_states(model) -> list:
+    """The state variables of the model's Keras seed generators (Dropout draws its masks from one, and
+    advances it on every training step). A Keras model's checkpoint holds its weights only: without these a
+    resumed run would draw the masks of the run's first steps again, not those of the step it resumes at."""
+    weights = {id(weight) for weight in model.weights}
+    return [variable for variable in model.variables if id(variable) not in weights]
+
+
+def _moving_statistics(model) -> list:
+    import keras
+
+    return [variable for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+            for variable in (layer.moving_mean, layer.moving_variance)]
+
+
+class StatisticsStash:
+    """Every replica's own batch-norm moving statistics, for a mid-epoch checkpoint.
+
+    Each replica updates its statistics from its own shard until they are averaged at the epoch's end
+    (`make_statistics_sync`); a checkpoint keeps one replica's copy. So that a run resumed mid-epoch goes on
+    with every replica's own statistics, a mid-epoch stop gathers all of them into these variables (one
+    all-gather), and a resume hands each replica its own row. The key names the replica count: a checkpoint
+    resumed with another count finds no stash of its own and starts from the chief's statistics."""
+
+    def __init__(self, strategy, statistics: list):
+        import tensorflow as tf
+
+        replicas = strategy.num_replicas_in_sync
+        self.key = f"replica_statistics_{replicas}"
+        self.held = tf.Variable(0, dtype=tf.int64, trainable=False, name="stash_held")  # 1 once filled
+        self.rows = [tf.Variable(tf.zeros([replicas, *variable.shape], variable.dtype), trainable=False,
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA, name="stash")
+                     for variable in statistics]
+        self.variables = dict(held=self.held, rows=self.rows)
+
+        def gather():
+            context = tf.distribute.get_replica_context()
+            for variable, rows in zip(statistics, self.rows, strict=True):
+                rows.assign(context.all_gather(tf.identity(variable.value)[tf.newaxis], axis=0))
+
+        def hand_out():
+            context = tf.distribute.get_replica_context()
+            for variable, rows in zip(statistics, self.rows, strict=True):
+                variable.assign(tf.gather(rows, context.replica_id_in_sync_group))  # this replica's own copy
+
+        self._gather = tf.function(lambda: strategy.run(gather))
+        self._hand_out = tf.function(lambda: strategy.run(hand_out))
+
+    @classmethod
+    def make(cls, strategy, model) -> Optional["StatisticsStash"]:
+        """Inside the strategy's scope; None when there is nothing per replica (one replica, no batch norm)."""
+        statistics = _moving_statistics(model)
+        return cls(strategy, statistics) if strategy.num_replicas_in_sync > 1 and statistics else None
+
+    def fill(self) -> None:
+        """Before a mid-epoch save (a collective: every worker calls it)."""
+        self._gather()
+        self.held.assign(1)
+
+    def hand_out(self) -> None:
+        """After restoring a mid-epoch checkpoint that holds a stash of this replica count."""
+        if int(self.held.numpy()):
+            self._hand_out()
+
+    def empty(self) -> None:
+        self.held.assign(0)
 
 
 def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_compile: Optional[bool] = None):
@@ -98,7 +179,7 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
         return tf.reduce_sum(per_example), tf.reduce_sum(correct)
 
@@ -138,11 +219,9 @@ def make_statistics_sync(strategy, model):
     without this the workers of a cluster end with different models and the chief exports its own.
     Averaging once per epoch, before validation and checkpoints, costs one small all-reduce per epoch.
     """
-    import keras
     import tensorflow as tf
 
-    statistics = [variable for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
-                  for variable in (layer.moving_mean, layer.moving_variance)]
+    statistics = _moving_statistics(model)
     if strategy.num_replicas_in_sync < 2 or not statistics:
         return None
 
@@ -150,7 +229,7 @@ def make_statistics_sync(strategy, model):
         context = tf.distribute.get_replica_context()
         averaged = context.all_reduce(tf.distribute.ReduceOp.MEAN,
                                       [tf.identity(variable.value) for variable in statistics])
-        for variable, value in zip(statistics, averaged):
+        for variable, value in zip(statistics, averaged, strict=True):
             variable.assign(value)  # no aggregation: sets this replica's own copy
 
     @tf.function
@@ -164,7 +243,7 @@ def make_predict_function(model, jit_compile: Optional[bool] = None):
     """float32 probabilities for float images [N, 28, 28, 1], inference mode."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)], autograph=False,
+    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)], autograph=False,
                  jit_compile=jit_compile)
     def predict(images):
         return tf.cast(model(images, training=False), tf.float32)
@@ -196,24 +275,39 @@ def check_loss(value: float, what: str, where: str) -> None:
 
 @dataclasses.dataclass
 class EpochResult:
-    first_step: int  # where the epoch started (non-zero when resuming mid-epoch)
+    """One epoch's figures. After a mid-epoch resume, `loss_sum`, `correct` and `seconds` include the steps
+    before the stop (the partial sums its checkpoint kept); `run_seconds` is this process's share."""
+    first_step: int  # where this process started the epoch (non-zero when resuming mid-epoch)
     steps_done: int  # where it ended: steps_per_epoch, or earlier when stopped
     loss_sum: float
     correct: float
     seconds: float
     stopped: bool
+    run_seconds: float = 0.0
 
     def examples(self, global_batch_size: int) -> int:
+        """Examples the figures cover: every step of the epoch up to `steps_done`."""
+        return self.steps_done * global_batch_size
+
+    def run_examples(self, global_batch_size: int) -> int:
+        """Examples this process trained."""
         return (self.steps_done - self.first_step) * global_batch_size
+
+    def partial_sums(self, global_batch_size: int) -> list:
+        """PARTIAL_SUMS, for a mid-epoch checkpoint."""
+        return [self.loss_sum, self.correct, float(self.examples(global_batch_size)), self.seconds]
 
 
 def run_epoch(train_steps, iterator, epoch: int, first_step: int, steps_per_epoch: int, steps_per_call: int,
-              global_batch_size: int, observers, stop) -> EpochResult:
+              global_batch_size: int, observers, stop, carried: Optional[dict] = None) -> EpochResult:
     """Train one epoch (from `first_step`) in calls of up to `steps_per_call` steps; after each call the
-    observers hear of it and the stop signal is checked (and voted on across workers). Raises Diverged."""
+    observers hear of it and the stop signal is checked (and voted on across workers). `carried`: the
+    PARTIAL_SUMS of the steps before `first_step` (a mid-epoch resume). Raises Diverged."""
     import tensorflow as tf
 
-    done, loss_sum, correct, stopped = first_step, 0.0, 0.0, False
+    carried = carried or {}
+    loss_sum, correct = carried.get("loss_sum", 0.0), carried.get("correct", 0.0)
+    done, earlier_seconds, stopped = first_step, carried.get("seconds", 0.0), False
     started = time.perf_counter()
     while done < steps_per_epoch:
         global_step = epoch * steps_per_epoch + done
@@ -226,8 +320,9 @@ def run_epoch(train_steps, iterator, epoch: int, first_step: int, steps_per_epoc
         observers.on_batch_metrics(global_step + chunk, float(chunk_loss) / (chunk * global_batch_size),
                                    float(chunk_correct) / (chunk * global_batch_size))
         loss_sum, correct, done = loss_sum + float(chunk_loss), correct + float(chunk_correct), done + chunk
-        observers.on_train_steps(epoch, done, steps_per_epoch, loss_sum / ((done - first_step) * global_batch_size))
+        observers.on_train_steps(epoch, done, steps_per_epoch, loss_sum / (done * global_batch_size))
         stopped = stop.should_stop()
         if stopped:
             break
-    return EpochResult(first_step, done, loss_sum, correct, time.perf_counter() - started, stopped)
+    seconds = time.perf_counter() - started
+    return EpochResult(first_step, done, loss_sum, correct, earlier_seconds + seconds, stopped, seconds)

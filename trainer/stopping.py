@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from trainer.errors import Interrupted
 
@@ -40,7 +40,7 @@ class RunSignals:
         self.single_process = single_process
         self.exit_code: Optional[int] = None
         self.phase = "start"
-        self._previous = {}
+        self._previous: Dict[int, Any] = {}  # signal number -> the handler it had before
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -48,6 +48,15 @@ class RunSignals:
                 self._previous[signum] = signal.signal(signum, self._handle(code))
             RunSignals.current = self
         return self
+
+    def reclaim(self) -> None:
+        """Point SIGTERM and SIGINT at this record again. Creating a MultiWorkerMirroredStrategy replaces the
+        process's SIGTERM handler with TensorFlow's own (its preemption notifier, which only records the
+        signal for a PreemptionCheckpointHandler); Python still lists its handler, so without this a worker
+        would never hear SIGTERM and train on to the end."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum, code in EXIT_CODES.items():
+                signal.signal(signum, self._handle(code))
 
     def _handle(self, code: int):
         def handle(signum, frame):
@@ -91,6 +100,8 @@ class StopSignal:
     def __enter__(self):
         if self._outer is None:
             self._run.__enter__()
+        else:
+            self._run.reclaim()
         self._run.phase = "training"
         return self
 

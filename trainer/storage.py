@@ -37,7 +37,7 @@ TIMEOUT = min(20.0, DEADLINE / 3)
 
 
 def is_gcs(path: Optional[str]) -> bool:
-    return bool(path) and path.startswith("gs://")
+    return path is not None and path.startswith("gs://")
 
 
 def split_url(url: str) -> Tuple[str, str]:
@@ -211,7 +211,8 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
             upload_file(path, f"{url.rstrip('/')}/{name}")
     if mirror_deletions:
         for name in set(remote) - set(local):
-            call(lambda blob=remote[name]: blob.delete(retry=None, timeout=TIMEOUT), f"deleting {url.rstrip('/')}/{name}")
+            call(functools.partial(remote[name].delete, retry=None, timeout=TIMEOUT),
+                 f"deleting {url.rstrip('/')}/{name}")
 
 
 def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
@@ -230,7 +231,7 @@ def download_dir(url: str, local_dir: str, mirror: bool = False) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         partial = f"{path}.partial-{os.getpid()}"
         try:
-            call(lambda: blob.download_to_filename(partial, checksum="crc32c", retry=None, timeout=TIMEOUT),
+            call(functools.partial(blob.download_to_filename, partial, checksum="crc32c", retry=None, timeout=TIMEOUT),
                  f"download of {url.rstrip('/')}/{name}", passthrough=(exceptions.NotFound,))
         except exceptions.NotFound:
             # Deleted after the listing (another process's write probe, or a checkpoint its writer just

@@ -57,6 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     _quiet_tensorflow()
+    from trainer.distribute import prepare_tpu_environment
+
+    prepare_tpu_environment(config.strategy, config.tpu)  # before anything imports TensorFlow
     from trainer.stopping import NAMES, RunSignals
 
     signals = RunSignals(single_process=_single_process(os.environ))

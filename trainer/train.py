@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from trainer import data as data_lib
 from trainer import finish
+from trainer import model as model_lib
 from trainer import observers as observers_lib
 from trainer import steps as steps_lib
 from trainer.checkpoints import Checkpoints
@@ -51,17 +52,12 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     from trainer.model import check_fits
 
     check_fits(config)  # a model too deep for 28x28 fails before any I/O-heavy work
+    from trainer import distribute
+
     if resolved is None:
-        from trainer.distribute import configure_host, resolve_strategy
-
-        configure_host(config.cpu_devices, config.intra_op_threads, config.inter_op_threads)
-        resolved = resolve_strategy(config.strategy, os.environ if environ is None else environ, config.tpu,
-                                    config.cluster_wait, log)
-    from trainer.distribute import jit_compile_setting, mixed_precision_policy
-
-    policy = mixed_precision_policy(config.mixed_precision, resolved)
-    extras = Extras(tuple(observers), initial_weights, evaluate_and_export, jit_compile_setting(config.jit_compile,
-                                                                                                resolved))
+        resolved = distribute.set_up(config, os.environ if environ is None else environ, log)
+    policy, jit_compile = distribute.precision_and_compilation(config, resolved)
+    extras = Extras(tuple(observers), initial_weights, evaluate_and_export, jit_compile)
     keras.mixed_precision.set_global_policy(policy)
     try:
         return _run(config, splits, resolved, policy, log, extras)
@@ -97,17 +93,18 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         f"{steps} steps of {config.batch_size} per epoch")
 
     state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights)
-    checkpoints = Checkpoints(config, outputs, state.checkpoint, steps)
+    log(outputs.write_model_summary(model_lib.summary(state.model)))
+    checkpoints = Checkpoints(config, outputs, state.checkpoint, steps, state.restorable, state.stash)
     history = checkpoints.restore()
     initial_epoch, initial_step = checkpoints.position
+    if initial_step and state.stash is not None:
+        state.stash.hand_out()  # every replica's own batch-norm statistics, as at the stop
     if initial_epoch or initial_step:
         log(f"resuming from {config.checkpoint_dir} at epoch {initial_epoch + 1}, step {initial_step}")
     predict = steps_lib.make_predict_function(state.model, extras.jit_compile)
     learning_rate_at = steps_lib.learning_rate_at(config, steps)
-    summaries = observers_lib.Summaries(outputs.log_dir, config.to_dict(), outputs.sync_logs, learning_rate_at)
-    observers = observers_lib.Observers([
-        summaries, observers_lib.Console(config.epochs, log), observers_lib.Hypertune() if config.hypertune else None,
-        observers_lib.Profiler(config.profile_steps, outputs.log_dir), *extras.observers])
+    summaries, observers = observers_lib.for_run(config, outputs.log_dir, outputs.sync_logs, learning_rate_at, log,
+                                                 extras.observers)
     try:
         trained = _fit(config, splits, resolved, state, checkpoints, history, observers, predict, extras.jit_compile,
                        learning_rate_at)
@@ -154,7 +151,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
                                                 jit_compile)
     sync_statistics = steps_lib.make_statistics_sync(resolved.strategy, state.model)
     train_tensors = data_lib.TrainTensors(*splits.train)
-    trained = dict(seconds=0.0, examples=0, val_predictions=None)
+    trained: Dict[str, Any] = dict(seconds=0.0, examples=0, val_predictions=None)
     observers.on_train_begin(state.model, initial_epoch)
     with StopSignal(resolved.strategy, resolved.num_workers) as stop:
         for epoch in range(initial_epoch, config.epochs):
@@ -163,19 +160,20 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
                     train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment_at(epoch))))
             observers.on_epoch_begin(epoch)
+            carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
-                                         config.batch_size, observers, stop)
+                                         config.batch_size, observers, stop, carried)
             observers.on_steps_end(epoch)
-            if sync_statistics is not None:  # every replica the same model before validation and saving
-                sync_statistics()
-            examples = result.examples(config.batch_size)
-            trained["seconds"] += result.seconds
-            trained["examples"] += examples
-            if result.stopped and result.steps_done < steps:
-                saved = checkpoints.save_mid_epoch(epoch, result.steps_done)
+            examples = result.examples(config.batch_size)  # the whole epoch's, across a mid-epoch resume
+            trained["seconds"] += result.run_seconds
+            trained["examples"] += result.run_examples(config.batch_size)
+            if result.stopped and result.steps_done < steps:  # each replica's statistics kept as they are
+                saved = checkpoints.save_mid_epoch(epoch, result.steps_done, result.partial_sums(config.batch_size))
                 raise Interrupted(stop.exit_code, f"stopped by {stop.reason} at epoch {epoch + 1}, step "
                                                   f"{result.steps_done}/{steps}; checkpoint {saved}; rerun the same "
                                                   "command to resume")
+            if sync_statistics is not None:  # every replica the same model before validation and saving
+                sync_statistics()
             val_loss, val_accuracy, trained["val_predictions"] = steps_lib.evaluate(predict, *splits.validation)
             steps_lib.check_loss(val_loss, "validation loss", f"the end of epoch {epoch + 1}")
             row = dict(epoch=epoch + 1, loss=result.loss_sum / examples, accuracy=result.correct / examples,

@@ -57,6 +57,7 @@ class TrainerHyperModel(kt.HyperModel):
                                         observers=[KerasCallbacks(callbacks)], evaluate_and_export=False,
                                         initial_weights=model.get_weights() if continued else None)
         except TrainingDiverged as diverged:  # a bad corner of the search space, not a failed search
-            self.log(f"trial {trial_number(trial_id)}: training diverged ({diverged.detail}); recorded with val_accuracy 0")
+            self.log(f"trial {trial_number(trial_id)}: training diverged ({diverged.detail}); "
+                     "recorded with val_accuracy 0")
             return {"val_accuracy": 0.0}
         return {"val_accuracy": result["val_accuracy"], "val_loss": result["val_loss"]}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import List
 
-from trainer.export import write_json_atomic
+from trainer.atomic import write_json
 from tuning.space import DROPOUT, as_flags, trial_number
 
 BEST_FILE = "best_hyperparameters.json"
@@ -23,11 +24,12 @@ def _trial_rows(tuner) -> list:
 
 def print_table(rows: list) -> None:
     columns = ["trial_id", "filters", DROPOUT, "dense_units", "learning_rate", "val_accuracy", "status"]
-    table = [[str(row[c]) if c != "val_accuracy" or row[c] is None else f"{row[c]:.4f}" for c in columns] for row in rows]
+    table = [[str(row[c]) if c != "val_accuracy" or row[c] is None else f"{row[c]:.4f}" for c in columns]
+             for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def write_hparams_view(rows: list, log_dir: str) -> None:
@@ -47,18 +49,21 @@ def write_hparams_view(rows: list, log_dir: str) -> None:
             hparams.hparams({name: row[name] for name in names}, trial_id=str(row["trial_id"]))
 
 
-def write_results(tuner, space, job_dir: str) -> str:
-    """Print the table and write the result files; returns the best_hyperparameters.json path."""
+def write_results(tuner, space, job_dir: str, retrain: List[str]) -> str:
+    """Print the table and write the result files; returns the best_hyperparameters.json path. The closing
+    line tells how to train the best configuration: `python -m trainer.task RETRAIN`."""
+    import shlex
+
     rows = _trial_rows(tuner)
     print_table(rows)
     best_trial = tuner.oracle.get_best_trials(1)[0]
     best = as_flags(space.values(best_trial.hyperparameters.copy()), tuner.hypermodel.base)
     best_path = os.path.join(job_dir, BEST_FILE)
-    write_json_atomic(best_path, best)
-    write_json_atomic(os.path.join(job_dir, RESULTS_FILE),
+    write_json(best_path, best)
+    write_json(os.path.join(job_dir, RESULTS_FILE),
                       {"objective": "val_accuracy", "best_trial_id": trial_number(best_trial.trial_id),
                        "best_val_accuracy": best_trial.score, "trials": rows})
     write_hparams_view(rows, os.path.join(job_dir, "logs"))
-    print(f"best trial {trial_number(best_trial.trial_id)}: val_accuracy {best_trial.score:.4f}; wrote {best_path} "
-          f"(use: python -m trainer.task --hparams-file {best_path})", flush=True)
+    print(f"best trial {trial_number(best_trial.trial_id)}: val_accuracy {best_trial.score:.4f}; wrote {best_path}; "
+          f"train it with: {shlex.join(['python', '-m', 'trainer.task', *retrain])}", flush=True)
     return best_path

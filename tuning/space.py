@@ -27,6 +27,8 @@ class DropoutRange:
 
     def grid(self) -> Tuple[float, ...]:
         """Every rate on the grid, MIN first (MAX included when the steps land on it)."""
+        if self.step is None:
+            raise ValueError(f"{self} is a continuous range: it has no grid")
         count = int((self.high - self.low) / self.step + 1e-9) + 1
         return tuple(round(self.low + index * self.step, 6) for index in range(count))
 
@@ -37,7 +39,7 @@ def dropout_range(text: str) -> DropoutRange:
     if len(parts) not in (2, 3):
         raise argparse.ArgumentTypeError(f"expected MIN:MAX or MIN:MAX:STEP such as 0.1:0.6:0.1, got {text!r}")
     numbers = []
-    for name, part in zip(("MIN", "MAX", "STEP"), parts):
+    for name, part in zip(("MIN", "MAX", "STEP"), parts, strict=False):
         try:
             numbers.append(float(part))
         except ValueError:

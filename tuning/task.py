@@ -23,7 +23,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Mapping, MutableMapping, Optional, Sequence
+from typing import List, Mapping, MutableMapping, Optional, Sequence
 
 from trainer.config import PRESETS, Config, HelpFormatter
 from trainer.errors import Interrupted, TrainerError
@@ -42,7 +42,7 @@ def _int_list(text: str):
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -52,7 +52,7 @@ def _float_list(text: str):
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--tuner", choices=TUNERS, default="random", help="KerasTuner's search algorithm")
     search.add_argument("--max-trials", type=int, default=None,
                         help="trials for random and bayesian (default: 10); hyperband is bounded by --max-epochs")
-    search.add_argument("--max-epochs", type=int, default=None, help="hyperband: epochs of its longest trial (default: 9)")
+    search.add_argument("--max-epochs", type=int, default=None,
+                        help="hyperband: epochs of its longest trial (default: 9)")
     search.add_argument("--hyperband-factor", type=int, default=3,
                         help="hyperband: each bracket keeps 1/FACTOR of its trials for the next round")
     search.add_argument("--epochs", type=int, default=3, help="epochs per trial (random, bayesian)")
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--overwrite", action="store_true", help="delete the search already in --job-dir")
     search.add_argument("--retrain", action="store_true",
                         help="train the best configuration with the trainer and export it to JOB_DIR/best")
-    search.add_argument("--retrain-epochs", type=int, default=None, help="epochs of the retraining (default: the preset's epochs)")
+    search.add_argument("--retrain-epochs", type=int, default=None,
+                        help="epochs of the retraining (default: the preset's epochs)")
 
     data = parser.add_argument_group("data and fixed settings (as trainer.task)")
     data.add_argument("--dataset", default="mnist", help="a TFDS name or idx:FOLDER, as trainer.task")
@@ -208,9 +210,10 @@ def make_tuner(args, hypermodel, project_dir: str):
         base, extra = kt.Hyperband, dict(max_epochs=args.max_epochs or HYPERBAND_MAX_EPOCHS,
                                          factor=args.hyperband_factor)
 
-    class Tuner(base):
-        def run_trial(self, trial, *fit_args, **fit_kwargs):  # trial folders are named by id
-            return super().run_trial(trial, *fit_args, trial_id=trial.trial_id, **fit_kwargs)
+    def run_trial(self, trial, *fit_args, **fit_kwargs):  # trial folders are named by id
+        return base.run_trial(self, trial, *fit_args, trial_id=trial.trial_id, **fit_kwargs)
+
+    Tuner = type("Tuner", (base,), {"run_trial": run_trial})
 
     return Tuner(hypermodel, **common, **extra)
 
@@ -249,9 +252,9 @@ def check_job_dir(args, settings: dict, job_dir: str) -> None:
             elif os.path.exists(path):
                 os.remove(path)
     os.makedirs(job_dir, exist_ok=True)
-    from trainer.export import write_json_atomic
+    from trainer.atomic import write_json
 
-    write_json_atomic(settings_path, settings)
+    write_json(settings_path, settings)
 
 
 def quiet_cross_trial_retracing() -> None:
@@ -347,19 +350,29 @@ def _search(args, space, base, job_dir: str, project_dir: str, is_chief: bool) -
     tuner.search()
     if not is_chief:
         return 0
-    best = report.write_results(tuner, space, job_dir)
+    retrain = retrain_argv(base, os.path.join(job_dir, report.BEST_FILE), job_dir, args.retrain_epochs)
+    report.write_results(tuner, space, job_dir, retrain)
     if args.retrain:
+        import shlex
+
         from trainer import task as trainer_task
 
-        retrain = ["--hparams-file", best, "--dataset", base.dataset, "--preset", base.preset, "--seed",
-                   str(base.seed), "--validation-fraction", str(base.validation_fraction),
-                   "--job-dir", os.path.join(job_dir, "best"), "--no-resume"]
-        retrain += ["--epochs", str(args.retrain_epochs or PRESETS[base.preset]["epochs"])]
-        retrain += ["--data-dir", base.data_dir] if base.data_dir else []
-        retrain += ["--train-limit", str(base.train_limit)] if base.train_limit else []
-        print(f"retraining the best configuration: python -m trainer.task {' '.join(retrain)}", flush=True)
+        print(f"retraining the best configuration: {shlex.join(['python', '-m', 'trainer.task', *retrain])}",
+              flush=True)
         return trainer_task.main(retrain)
     return 0
+
+
+def retrain_argv(base, best_path: str, job_dir: str, epochs: Optional[int]) -> List[str]:
+    """`python -m trainer.task` arguments that train the best configuration on the search's data, its
+    settings and seed, for `epochs` (default: the preset's), into JOB_DIR/best: what --retrain runs and
+    what the search's closing line tells to run."""
+    from trainer.config import RECIPE, command_flags
+
+    # The recipe comes from the file; the search's own strategy (one process per trial) is not the run's.
+    data = command_flags(base, base.preset, skip=("strategy", *RECIPE))
+    return ["--hparams-file", best_path, *data, "--epochs", str(epochs or PRESETS[base.preset]["epochs"]),
+            "--job-dir", os.path.join(job_dir, "best"), "--no-resume"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

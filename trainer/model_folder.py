@@ -1,0 +1,383 @@
+"""What an exported model folder is: the files an export writes, how a new export replaces an old one
+without a moment of half a model, what an export killed part-way leaves behind, when a folder (local or
+gs://) holds a complete model, the checks a folder passes before TensorFlow loads it, and
+training_images.json, the export's description of the images the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from typing import List, NamedTuple, Optional
+
+from trainer import storage
+from trainer.errors import TrainerError, require_tensorflow
+from trainer.images import IMAGE_SIZE, NUM_CLASSES
+from trainer.joblock import process_alive
+
+SAVED_MODEL = "saved_model.pb"
+CLASS_NAMES_FILE = "class_names.json"
+TRAINING_IMAGES_FILE = "training_images.json"
+KERAS_FILE = "model.keras"
+SIGNATURE = "serving_default"
+# What an export writes into a model folder (`_SUCCESS` comes with a gs:// publish).
+EXPORT_NAMES = {SAVED_MODEL, "fingerprint.pb", "variables", "assets", KERAS_FILE, CLASS_NAMES_FILE,
+                TRAINING_IMAGES_FILE, storage.SUCCESS_MARKER}
+
+
+def is_exported_model(names) -> bool:
+    """Folder entries (relative paths) that only an export (or a publish cut short) could have made."""
+    return all(name.split("/")[0] in EXPORT_NAMES for name in names)
+
+
+def is_model_folder(path: str) -> bool:
+    """True when `path` is absent, empty or holds only what an export writes: the only folders export replaces."""
+    if not os.path.isdir(path):
+        return not os.path.exists(path)
+    return is_exported_model(os.listdir(path))
+
+
+def foreign_model_dir(shown: str) -> TrainerError:
+    """The refusal of a --model-dir that holds something an export would have to delete."""
+    return TrainerError(f"--model-dir {shown}: holds files that are not a model exported by this trainer; the "
+                        "export would delete them, so choose an empty or new folder")
+
+
+def is_complete(model_dir: str) -> bool:
+    """A whole exported model is there: saved_model.pb locally, the _SUCCESS marker on gs://."""
+    if storage.is_gcs(model_dir):
+        return storage.SUCCESS_MARKER in storage.list_objects(model_dir)
+    return os.path.isfile(os.path.join(model_dir, SAVED_MODEL))
+
+
+# ------------------------------------------------------------------------------ replacing a model folder
+
+def staging_dir(model_dir: str) -> str:
+    """A new empty folder beside `model_dir` to write the next export into: `.NAME.partial-PID-XXXXXXXX`."""
+    model_dir = os.path.abspath(model_dir.rstrip("/"))
+    parent = os.path.dirname(model_dir)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(model_dir)}.partial-{os.getpid()}-", dir=parent)
+
+
+def swap_in(staged: str, final: str) -> None:
+    """Swap a finished folder into place; the old one (`.NAME.replaced-PID` meanwhile) is removed only after
+    the new one is in."""
+    final = final.rstrip("/")
+    previous = None
+    if os.path.exists(final):
+        if not is_model_folder(final):
+            raise foreign_model_dir(final)
+        previous = os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.replaced-{os.getpid()}")
+        os.replace(final, previous)
+    os.replace(staged, final)
+    if previous:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+_DEBRIS = (re.compile(r"^\.(?P<base>.+)\.(?P<kind>partial)-(?P<pid>\d{1,7})-[a-z0-9_]{8}$"),
+           re.compile(r"^\.(?P<base>.+)\.(?P<kind>replaced)-(?P<pid>\d{1,7})$"))
+
+
+def remove_export_debris(model_dir: str) -> List[str]:
+    """Remove what an export killed part-way left beside `model_dir` when process PID is gone:
+    `.NAME.partial-PID-XXXXXXXX` staging folders and `.NAME.replaced-PID` swapped-out models (one whose
+    replacement never arrived is put back instead). Returns the removed names."""
+    model_dir = os.path.abspath(model_dir.rstrip("/"))
+    parent, base = os.path.split(model_dir)
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        match = _DEBRIS[0].match(name) or _DEBRIS[1].match(name)
+        if not match or match["base"] != base:
+            continue
+        pid, path = int(match["pid"]), os.path.join(parent, name)
+        if pid != os.getpid() and process_alive(pid):
+            continue  # another live process's export in progress
+        if match["kind"] == "replaced" and not is_model_folder(path):
+            continue  # not what an export swapped out: leave it alone
+        if match["kind"] == "replaced" and not os.path.exists(model_dir):
+            os.replace(path, model_dir)  # killed between the two renames: the previous model comes back
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(name)
+    return removed
+
+
+# ------------------------------------------------------------------------------- checks before loading
+#
+# A model folder is checked before TensorFlow loads it, so that whatever is wrong is one line naming the file:
+# the files every export writes (present, files, not empty) and class_names.json without TensorFlow; then
+# saved_model.pb's parse and signature, and every variable read back from variables/; only then
+# tf.saved_model.load (whose own errors are many types with many lines, some naming no file).
+
+TAKES = [f"image uint8 [?,{IMAGE_SIZE},{IMAGE_SIZE}]"]
+RETURNS = ["classes int64 [?]", f"probabilities float32 [?,{NUM_CLASSES}]"]
+INDEX_FILE = "variables/variables.index"
+_DATA_FILE = re.compile(r"^variables\.data-\d{5}-of-(\d{5})$")
+
+
+def fault(shown: str, problem: str) -> TrainerError:
+    """What is wrong with the model folder the user named (`shown`, as typed)."""
+    return TrainerError(f"--model-dir {shown}: {problem}")
+
+
+def local_model_dir(model_dir: str) -> str:
+    """A folder with the SavedModel on this machine: gs:// is copied into the cache once it is complete."""
+    if storage.is_gcs(model_dir):
+        url = model_dir.rstrip("/")
+        before = _success_generation(url)
+        if before is None:
+            raise TrainerError(f"--model-dir {url}: no {storage.SUCCESS_MARKER} object there, so no complete model "
+                               f"(a run writes it last, once the whole model is uploaded)")
+        try:
+            model_dir = storage.cached_copy(url)
+        except TrainerError as error:
+            raise TrainerError(f"--model-dir {url}: {error}") from None
+        except Exception as error:  # connection refused, DNS failure...
+            raise TrainerError(f"--model-dir {url}: cannot download it ({type(error).__name__})") from None
+        if _success_generation(url) != before:
+            raise TrainerError(f"--model-dir {url}: the model was replaced while it was being downloaded; run again")
+    return model_dir
+
+
+def _success_generation(url: str) -> Optional[int]:
+    try:
+        marker = storage.list_objects(url).get(storage.SUCCESS_MARKER)
+    except TrainerError as error:
+        raise TrainerError(f"--model-dir {url}: {error}") from None
+    except Exception as error:
+        raise TrainerError(f"--model-dir {url}: cannot reach Cloud Storage ({type(error).__name__})") from None
+    return None if marker is None else int(marker.generation or 0)
+
+
+def data_files(local: str, shown: str = "") -> List[str]:
+    """The variables' data shards the folder should have (`variables/variables.data-0000i-of-0000N`)."""
+    folder = os.path.join(local, "variables")
+    try:
+        entries = os.listdir(folder)
+    except OSError as error:  # unreadable, a file, a symbolic link loop, a path through a file
+        raise fault(shown or local, f"cannot read variables/ ({error.strerror or type(error).__name__})") from None
+    counts = [int(match.group(1)) for match in map(_DATA_FILE.match, entries) if match]
+    shards = max(counts, default=1)
+    return [f"variables/variables.data-{shard:05d}-of-{shards:05d}" for shard in range(shards)]
+
+
+def _require_file(local: str, name: str, shown: str) -> None:
+    path = os.path.join(local, name)
+    if not os.path.exists(path):
+        raise fault(shown, f"{name} is missing, so the model is incomplete")
+    if not os.path.isfile(path):
+        raise fault(shown, f"{name} is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise fault(shown, f"{name} is empty (0 bytes), so the model is incomplete")
+
+
+def check_model_files(local: str, shown: str) -> None:
+    """The files of an exported model are there, files and not empty (no TensorFlow needed for this)."""
+    if not os.path.exists(local):
+        raise fault(shown, "no such folder")
+    if not os.path.isdir(local):
+        raise fault(shown, "a file, not a folder (point it at a run's model/ folder)")
+    if not os.path.exists(os.path.join(local, SAVED_MODEL)):
+        raise fault(shown, "no saved_model.pb there (point it at a run's model/ folder)")
+    _require_file(local, SAVED_MODEL, shown)
+    variables = os.path.join(local, "variables")
+    if not os.path.lexists(variables):
+        raise fault(shown, "variables/ is missing, so the model has no weights")
+    try:
+        mode = os.stat(variables).st_mode
+    except OSError as error:  # a symbolic link loop, or one to a path through a file
+        raise fault(shown, f"cannot read variables/ ({error.strerror or type(error).__name__})") from None
+    if not stat.S_ISDIR(mode):
+        raise fault(shown, "variables is a file, not the folder of the model's weights")
+    for name in [INDEX_FILE, *data_files(local, shown)]:
+        _require_file(local, name, shown)
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def read_class_names(local: str, shown: str) -> List[str]:
+    """The names in class_names.json: a JSON list of NUM_CLASSES strings. A model folder without the file
+    (copied without it, or exported before it existed) is a digit model: its names are the digits."""
+    path = os.path.join(local, CLASS_NAMES_FILE)
+    if not os.path.lexists(path):
+        return [str(digit) for digit in range(NUM_CLASSES)]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            names = json.load(handle)
+    except IsADirectoryError:
+        raise fault(shown, f"{CLASS_NAMES_FILE} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise fault(shown, f"{CLASS_NAMES_FILE} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise fault(shown, f"{CLASS_NAMES_FILE} is not valid JSON ({error.msg} at line {error.lineno} "
+                            f"column {error.colno})") from None
+    except OSError as error:
+        raise fault(shown, f"cannot read {CLASS_NAMES_FILE} ({error.strerror or type(error).__name__})") from None
+    wanted = f"not a list of {NUM_CLASSES} names"
+    if not isinstance(names, list):
+        raise fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
+    if len(names) != NUM_CLASSES:
+        raise fault(shown, f"{CLASS_NAMES_FILE} holds {len(names)} names, {wanted}")
+    for number, name in enumerate(names, start=1):
+        if not isinstance(name, str) or not name.strip():
+            what = "an empty string" if isinstance(name, str) else _json_kind(name)
+            raise fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {what}, not a name")
+    return names
+
+
+class TrainingImages(NamedTuple):
+    """How the images a model was trained on are made (training_images.json; see `images.describe_images`)."""
+
+    background: str  # "dark" or "light"
+    background_level: int  # 0..255, the median grey of the images' outermost ring of pixels
+    object_side: int  # pixels: the longest side of the object's box (20 for MNIST's digits, 28 for garments)
+    centring: str  # "mass": centre of mass at the frame's centre (MNIST); "box": the box centred (Fashion-MNIST)
+
+
+TRAINING_IMAGES_VERSION = 1
+_CHOICES = dict(background=("dark", "light"), centring=("mass", "box"))
+_RANGES = dict(background_level=(0, 255), object_side=(1, IMAGE_SIZE))
+
+
+def write_training_images(folder: str, description: dict) -> None:
+    """training_images.json in an export's folder: `description` (from `images.describe_images`) and its version.
+    Readers ignore keys they do not know, so later versions may add some (the image shape, its channels)."""
+    with open(os.path.join(folder, TRAINING_IMAGES_FILE), "w", encoding="utf-8") as out:
+        json.dump({"version": TRAINING_IMAGES_VERSION, **description}, out, indent=1)
+        out.write("\n")
+
+
+def read_training_images(local: str, shown: str) -> Optional[TrainingImages]:
+    """training_images.json checked, or None when the folder has none (a model exported before the file
+    existed: its images are taken as MNIST's digits)."""
+    path = os.path.join(local, TRAINING_IMAGES_FILE)
+    name = TRAINING_IMAGES_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            described = json.load(handle)
+    except IsADirectoryError:
+        raise fault(shown, f"{name} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise fault(shown, f"{name} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise fault(shown, f"{name} is not valid JSON ({error.msg} at line {error.lineno} "
+                            f"column {error.colno})") from None
+    except OSError as error:
+        raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+    if not isinstance(described, dict):
+        raise fault(shown, f"{name} holds {_json_kind(described)}, not an object")
+    version = described.get("version")
+    if version != TRAINING_IMAGES_VERSION:
+        raise fault(shown, f"{name} is version {json.dumps(version)}, not {TRAINING_IMAGES_VERSION}: "
+                            "written by another release of the trainer")
+    for key, choices in _CHOICES.items():
+        if described.get(key) not in choices:
+            wanted = " or ".join(json.dumps(choice) for choice in choices)
+            raise fault(shown, f"{name}: {key} is {json.dumps(described.get(key))}, not {wanted}")
+    for key, (low, high) in _RANGES.items():
+        value = described.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise fault(shown, f"{name}: {key} is {json.dumps(value)}, not a whole number from {low} to {high}")
+    return TrainingImages(background=described["background"], background_level=described["background_level"],
+                          object_side=described["object_side"], centring=described["centring"])
+
+
+def _parse(local: str, name: str, message, what: str, shown: str):
+    """File `name` parsed into the protocol buffer `message`, or a fault naming it (`what` it should be)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        with open(os.path.join(local, name), "rb") as handle:
+            message.ParseFromString(handle.read())
+    except OSError as error:
+        raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+    except DecodeError:
+        raise fault(shown, f"{name} is damaged or not {what} (it does not parse)") from None
+    return message
+
+
+def read_saved_model(local: str, shown: str):
+    """saved_model.pb parsed (a `SavedModel` protocol buffer); fingerprint.pb, when there, must parse too
+    (TensorFlow would log a traceback about it and carry on)."""
+    from tensorflow.core.protobuf import fingerprint_pb2, saved_model_pb2
+
+    saved_model = _parse(local, "saved_model.pb", saved_model_pb2.SavedModel(), "a SavedModel", shown)
+    if not saved_model.meta_graphs:
+        raise fault(shown, "saved_model.pb is damaged or not a SavedModel (it holds no graph)")
+    if os.path.exists(os.path.join(local, "fingerprint.pb")):
+        _parse(local, "fingerprint.pb", fingerprint_pb2.FingerprintDef(), "a SavedModel fingerprint", shown)
+    return saved_model
+
+
+def _dtype_name(tf, number: int) -> str:
+    try:
+        return tf.dtypes.as_dtype(number).name
+    except TypeError:  # DT_INVALID: a composite tensor (sparse, ragged)
+        return "composite"
+
+
+def _describe(tf, tensors) -> List[str]:
+    """A signature's tensors as 'name dtype [?,28,28]', sorted by name."""
+    described = []
+    for name, info in sorted(tensors.items()):
+        shape = info.tensor_shape
+        dims = "[...]" if shape.unknown_rank else "[" + ",".join(str(d.size) if d.size >= 0 else "?"
+                                                                 for d in shape.dim) + "]"
+        described.append(f"{name} {_dtype_name(tf, info.dtype)} {dims}")
+    return described
+
+
+def check_signature(tf, saved_model, shown: str) -> None:
+    """The trainer's serving signature: image uint8 [N,28,28] -> classes int64 [N], probabilities float32 [N,10]."""
+    graphs = [graph for graph in saved_model.meta_graphs if "serve" in graph.meta_info_def.tags]
+    signatures = (graphs or saved_model.meta_graphs)[0].signature_def
+    foreign = "saved_model.pb is not a model exported by this trainer"
+    if SIGNATURE not in signatures:
+        raise fault(shown, f"{foreign}: it has no {SIGNATURE} signature")
+    takes, returns = _describe(tf, signatures[SIGNATURE].inputs), _describe(tf, signatures[SIGNATURE].outputs)
+    if takes != TAKES or not set(RETURNS) <= set(returns):
+        raise fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
+                            f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(TAKES)} -> {', '.join(RETURNS)}")
+
+
+def check_variables(tf, local: str, shown: str) -> None:
+    """Every variable in variables/ reads back whole (the index parses, each value's bytes and checksum)."""
+    try:
+        reader = tf.train.load_checkpoint(os.path.join(local, "variables", "variables"))
+    except tf.errors.OpError:
+        raise fault(shown, f"{INDEX_FILE} is damaged (not a checkpoint index)") from None
+    shards = data_files(local)
+    culprit = shards[0] if len(shards) == 1 else "variables/variables.data-*"
+    for name in reader.get_variable_to_shape_map():
+        try:
+            reader.get_tensor(name)
+        except (IndexError, tf.errors.OpError):  # "Read less bytes than requested", "Checksum does not match"
+            # (garbled bytes can read as a string length past the end, so the two do not tell cut from garbled)
+            raise fault(shown, f"{culprit} is damaged or truncated (a value does not read back as "
+                                f"{INDEX_FILE} describes it)") from None
+
+
+def load_serving(local: str, shown: str):
+    """The model's `serving_default` function, once its files, signature and variables are checked."""
+    from google.protobuf.message import DecodeError
+
+    tf = require_tensorflow()
+    check_signature(tf, read_saved_model(local, shown), shown)
+    check_variables(tf, local, shown)
+    try:
+        return tf.saved_model.load(local).signatures[SIGNATURE]
+    except (tf.errors.OpError, OSError, ValueError, KeyError, IndexError, DecodeError) as error:
+        # e.g. ValueError "Received incompatible tensor with shape ...": variables/ of another export
+        raise fault(shown, f"TensorFlow cannot restore variables/ into saved_model.pb's graph "
+                            f"({type(error).__name__}), though each reads whole: are they from two different "
+                            f"exports? Export the model again") from None
