@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import ROOT_DIR, wait_for_line
+from helpers import ROOT_DIR, wait_for_line
 
 TRAIN = ["train", "--project", "p", "--image", "img:1"]
 
