@@ -279,7 +279,8 @@ def test_multi_worker_job_survives_a_killed_worker_and_the_chief_fills_the_aip_f
     assert re.findall(r"^\[(workerpool\d-\d)\] wrote gs://", output, re.M) == ["workerpool0-0"]
     assert "local job: succeeded in" in output.splitlines()[-1]
     names = assert_job_outputs(bucket, "mw/")
-    assert {name.split("/")[0] for name in names} == {"metrics.json", "model", "model_summary.txt", "plots", "logs", "checkpoints"}
+    assert {name.split("/")[0] for name in names} == {"metrics.json", "model", "model_summary.txt", "plots", "logs",
+                                                      "checkpoints"}
     metrics = metrics_in(bucket, "mw/")
     assert metrics["strategy"] == "multi_worker" and metrics["num_replicas"] == 3
     assert metrics["initial_epoch"] >= 1 and metrics["epochs_completed"] == 2
