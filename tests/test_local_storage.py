@@ -240,7 +240,8 @@ def test_a_fresh_machine_without_an_account_runs_the_job_into_local_buckets(fash
         assert (root / "mybkt" / "r1" / name).is_file(), name
     assert "[workerpool0-0] wrote gs://mybkt/r1/model/" in result.stdout
     assert sorted(os.listdir(folder)) == ["local-buckets"], "nothing else in the folder (no /gcs/ path was used)"
-    assert sorted(os.listdir(root / "mybkt" / "r1")) == ["checkpoints", "logs", "metrics.json", "model", "plots"], \
+    assert sorted(os.listdir(root / "mybkt" / "r1")) == ["checkpoints", "logs", "metrics.json", "model",
+                                                         "model_summary.txt", "plots"], \
         "no empty folder of the model's temporary upload prefix is left"
     assert emulators_serving(root) == []
 
