@@ -348,15 +348,18 @@ def test_two_runs_with_one_checkpoint_dir_the_second_is_refused(digits_idx, tmp_
     shared = str(tmp_path / "checkpoints")
     common = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "2000", "--batch-size", "16",
               "--checkpoint-dir", shared]
-    first = start_cli([*common, "--epochs", "3", "--job-dir", str(tmp_path / "a")], str(tmp_path / "a.log"))
+    first = start_cli([*common, "--epochs", "200", "--job-dir", str(tmp_path / "a")], str(tmp_path / "a.log"))
     try:
-        wait_for_line(str(tmp_path / "a.log"), "epoch 1/3", first)
-        code, out, err, seconds = _cli("trainer.task", [*common, "--epochs", "3", "--job-dir", str(tmp_path / "b")])
+        wait_for_line(str(tmp_path / "a.log"), "epoch 1/200", first)
+        code, out, err, seconds = _cli("trainer.task", [*common, "--epochs", "200", "--job-dir", str(tmp_path / "b")])
+        assert first.poll() is None, "the first run was still writing while the second was refused"
         assert_brief(code, err, 1, f"--checkpoint-dir {shared}: another run is writing there", "pid")
-        assert "epoch 1/3" not in out
+        assert "epoch 1/200" not in out
     finally:
-        assert first.wait(timeout=300) == 0, open(tmp_path / "a.log").read()[-2000:]
-    assert read_metrics(str(tmp_path / "a"))["epochs_completed"] == 3
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143, open(tmp_path / "a.log").read()[-2000:]
+    with open(os.path.join(shared, "history.json")) as handle:  # the first run's checkpoints are its own
+        assert len(json.load(handle)) >= 1
     assert not os.path.exists(tmp_path / "b")
 
 
