@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import glob
 import io
+import math
 import os
 import subprocess
 import sys
@@ -263,6 +264,15 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
     message = _argparse_refusal(lambda argv: parse_config(argv, {}), checked)
     if message:
         refuse("trainer.task", message)
+    for name in ("job_dir", "model_dir", "checkpoint_dir", "log_dir"):
+        path = getattr(given, name)
+        if path and not path.startswith(("gs://", "/gcs/")):
+            refuse("trainer.task", f"--{name.replace('_', '-')} {path} is on the replica's own disk, which is "
+                                   "gone when the job ends; pass a gs:// or /gcs/ path, or leave it out (the "
+                                   "outputs then go under deploy's --job-dir)")
+    message = _too_deep(given.filters, checked) if given.filters and args.command == "train" else None
+    if message:
+        refuse("trainer.task", message)
     if args.command == "tune":
         for flag in ("filters", "dropout"):
             if getattr(given, flag) is not None:
@@ -272,7 +282,24 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
                 "--filters", choice.strip(), "--dropout", str(args.dropout_range.low)])
             if message:
                 parser.error(f"--filter-choices {choice.strip()!r}: {message}")
+            message = _too_deep(tuple(int(value) for value in choice.split(",")), checked)
+            if message:
+                parser.error(f"--filter-choices {choice.strip()!r}: {message}")
     return module_args
+
+
+def _too_deep(filters, checked: List[str]) -> Optional[str]:
+    """Why conv blocks `filters` do not fit the images (as the trainer would refuse them at its start in every
+    replica or trial), or None."""
+    from trainer.config import parse_config
+    from trainer.model import feature_map_sizes
+
+    config = parse_config(checked, {})
+    try:
+        feature_map_sizes(filters, convs_per_block=config.convs_per_block, padding=config.padding)
+    except TrainerError as error:
+        return str(error)
+    return None
 
 
 def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
@@ -296,6 +323,12 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
         parser.error(f"--job-dir must be a gs:// folder (Vertex AI writes there), got {args.job_dir}")
     if args.package and not (args.staging_bucket or "").startswith("gs://"):
         parser.error("--package needs --staging-bucket gs://BUCKET[/folder] for the sdist")
+    from trainer.config import bucket_problem
+
+    for flag, url in (("--job-dir", args.job_dir), ("--staging-bucket", args.staging_bucket)):
+        problem = bucket_problem(url) if url and url.startswith("gs://") else None
+        if problem:
+            parser.error(f"{flag} {url}: {problem}")
     if args.tensorboard and not args.service_account:
         parser.error("--tensorboard needs --service-account: Vertex AI TensorBoard uploads with the job's "
                      "service account (one with roles/aiplatform.user and storage access)")
@@ -345,8 +378,9 @@ def _check_local_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
                      "metadata, and the emulator then fails to list its bucket")
     if args.command == "tune" and args.service == "keras-tuner" and args.local_output != "local-tuning":
         parser.error("--local-output applies to --service vertex (a KerasTuner search writes into its job dir)")
-    if args.restarts < 0 or args.stop_grace < 0:
-        parser.error("--restarts and --stop-grace must be 0 or more")
+    if args.restarts < 0 or not (math.isfinite(args.stop_grace) and args.stop_grace >= 0):
+        parser.error(f"--restarts and --stop-grace must be 0 or more (and finite), got --restarts {args.restarts}, "
+                     f"--stop-grace {args.stop_grace:g}")
 
 
 def default_image(args, variant: str) -> str:
@@ -508,6 +542,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         created = submit(args, job)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        from trainer.errors import unexpected_line
+
+        print(unexpected_line(error, None, "deploy"), file=sys.stderr)
         return 1
     job_id = created.name.rsplit("/", 1)[-1]
     kind = "training" if "customJobs" in created.name else "hyperparameter tuning"

@@ -227,25 +227,25 @@ def test_train_and_tune_have_their_own_help_with_defaults_and_one_description():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--tensorboard", "tb"],
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--tensorboard", "tb"],
      "--tensorboard needs --service-account"),
     (["train", "--image", "i", "--job-dir", "/local/run", "--project", "p"], "--job-dir must be a gs:// folder"),
-    (["train", "--package", "--job-dir", "gs://b/r", "--project", "p"], "--package needs --staging-bucket"),
-    (["train", "--image", "i", "--job-dir", "gs://b/r"], "--project is required"),
-    (["train", "--package", "--staging-bucket", "gs://b/s", "--job-dir", "gs://b/r", "--dry-run"],
+    (["train", "--package", "--job-dir", "gs://bkt/r", "--project", "p"], "--package needs --staging-bucket"),
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r"], "--project is required"),
+    (["train", "--package", "--staging-bucket", "gs://b/s", "--job-dir", "gs://bkt/r", "--dry-run"],
      "--package without --executor-image runs the project's own image, which --project names"),
-    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--dry-run"],
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--local", "--dry-run"],
      "--local runs the job and --dry-run only prints it: choose one"),
-    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--restarts", "2"],
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--restarts", "2"],
      "--restarts, --local-gcs-root, --stop-grace and --local-output apply to --local runs only"),
-    (["tune", "--service", "keras-tuner", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local",
+    (["tune", "--service", "keras-tuner", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--local",
       "--local-output", "o"],
      "--local-output applies to --service vertex (a KerasTuner search writes into its job dir)"),
-    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--local", "--restarts", "-1"],
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--local", "--restarts", "-1"],
      "--restarts and --stop-grace must be 0 or more"),
-    (["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "0"],
+    (["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--timeout", "0"],
      "argument --timeout: must be at least 1 second, got '0'"),
-    (["tune", "--image", "i", "--job-dir", "gs://b/r", "--project", "p", "--timeout", "soon"],
+    (["tune", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p", "--timeout", "soon"],
      "argument --timeout: expected seconds or a number with s, m, h or d (e.g. 90m), got 'soon'"),
 ])
 def test_bad_command_lines_exit_2(args, message, monkeypatch):
@@ -259,7 +259,7 @@ def test_a_dry_run_with_an_image_needs_no_project(monkeypatch):
     from google.cloud.aiplatform_v1 import CustomJob
 
     monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
-    code, out, err = vertex(["train", "--image", "img:1", "--job-dir", "gs://b/r", "--dry-run"])
+    code, out, err = vertex(["train", "--image", "img:1", "--job-dir", "gs://bkt/r", "--dry-run"])
     assert code == 0, err
     assert CustomJob.from_json(out).job_spec.worker_pool_specs[0].container_spec.image_uri == "img:1"
 
@@ -278,7 +278,7 @@ def test_timeout_is_the_jobs_scheduling_timeout(command):
 
 def test_without_credentials_submission_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "missing.json"))
-    code, _, err = vertex(["train", "--image", "i", "--job-dir", "gs://b/r", "--project", "p"])
+    code, _, err = vertex(["train", "--image", "i", "--job-dir", "gs://bkt/r", "--project", "p"])
     assert code == 1
     assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
     assert err.startswith("error: no Google Cloud credentials") and "Traceback" not in err

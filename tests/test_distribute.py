@@ -48,15 +48,14 @@ def test_worker_0_is_chief_when_there_is_no_chief_and_single_task_is_no_cluster(
 
 
 def test_cluster_wait_names_the_peers_that_never_started_and_a_task_outside_its_cluster():
-    """The port probe alone (no TensorFlow): a peer that listens counts as started, one that does not is
-    named with its address once the wait is over; a TF_CONFIG whose task is not in its cluster is refused."""
-    import socket
-
-    from trainer.distribute import wait_for_peers
+    """The port probe alone (no TensorFlow): a peer waiting for its cluster (its beacon answers) counts as
+    started, one whose port is closed is named with its address once the wait is over; a TF_CONFIG whose
+    task is not in its cluster is refused."""
+    from trainer.distribute import _Beacon, wait_for_peers
     from trainer.errors import TrainerError
 
-    with socket.create_server(("127.0.0.1", 0)) as listening:
-        up, down, own = listening.getsockname()[1], free_port(), free_port()
+    up, down, own = free_port(), free_port(), free_port()
+    with _Beacon(f"127.0.0.1:{up}"):
         config = {"cluster": {"chief": [f"127.0.0.1:{up}"], "worker": [f"127.0.0.1:{own}", f"127.0.0.1:{down}"]},
                   "task": {"type": "worker", "index": 0}}
         lines = []
@@ -70,6 +69,38 @@ def test_cluster_wait_names_the_peers_that_never_started_and_a_task_outside_its_
     config["task"]["index"] = 2
     with pytest.raises(TrainerError, match=r"this task \(worker 2\) is not in its cluster \(chief x1, worker x2\)"):
         wait_for_peers(config, 1)
+
+
+def test_a_peer_port_held_by_another_program_is_named_and_the_wait_stays_bounded():
+    """Something that accepts connections but is no trainer (here a silent listener and a talkative one) would
+    pass a bare port probe and then block TensorFlow's start for ever; the wait names it and gives up."""
+    import socket
+    import threading
+
+    from trainer.distribute import wait_for_peers
+    from trainer.errors import TrainerError
+
+    def talk(server):
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            connection.close()
+
+    with socket.create_server(("127.0.0.1", 0)) as silent, socket.create_server(("127.0.0.1", 0)) as talker:
+        threading.Thread(target=talk, args=(talker,), daemon=True).start()
+        ports = [free_port(), silent.getsockname()[1], talker.getsockname()[1]]
+        config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                  "task": {"type": "worker", "index": 0}}
+        started = time.monotonic()
+        with pytest.raises(TrainerError) as error:
+            wait_for_peers(config, 2, lambda line: None)
+    assert time.monotonic() - started < 10
+    foreign = "something that is not a TensorFlow worker holds this port"
+    assert f"worker 1 (127.0.0.1:{ports[1]}: {foreign})" in str(error.value)
+    assert f"worker 2 (127.0.0.1:{ports[2]}: {foreign})" in str(error.value)
 
 
 def test_tpu_detection_is_instant_and_finds_nothing_here():

@@ -252,3 +252,426 @@ def test_sigterm_in_every_phase_has_a_deliberate_outcome(phase, monkeypatch, dig
         before = file_snapshot(job_dir)
         exit_code, out, _ = run_task(_phase_run(digits_idx, job_dir))
         assert exit_code == 0 and "already complete" in out and file_snapshot(job_dir) == before
+
+
+# ------------------------------------------------------------------------------------------------------
+# Families of faults: each case a non-zero exit (2 for the command line), at most two stderr lines besides
+# argparse's usage, no traceback, and an answer within seconds where nothing trains.
+
+def assert_brief(code, err, expected_code, *fragments, seconds=None, bound=None):
+    """`code` is `expected_code`; stderr, without argparse's usage block, is at most two lines, one of them
+    naming every fragment; no traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("usage:"):
+        lines = [line for line in lines[1:] if not line.startswith(" ")]
+    assert code == expected_code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert 1 <= len(lines) <= 2, err[-3000:]
+    assert any(all(fragment in line for fragment in fragments) for line in lines), err[-3000:]
+    if bound is not None:
+        assert seconds < bound, f"took {seconds:.1f} s (bound {bound} s)"
+
+
+def _cli(module, args, timeout=120, **env):
+    """`python -m MODULE ARGS` in a fresh process; returns (exit code, stdout, stderr, seconds)."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT_DIR, env=trainer_env(**env),
+                            capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout, result.stderr, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, digits_idx):
+    """A finished two-epoch trainer run (job dir) on real digits."""
+    job_dir = str(tmp_path_factory.mktemp("small_run") / "job")
+    code, _, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                             "--epochs", "2", "--job-dir", job_dir])
+    assert code == 0, err
+    return job_dir
+
+
+# ------------------------------------------------------------------------------- data loss: nothing lost
+
+@pytest.mark.parametrize("flags", [["--overwrite"], ["--resume"], []], ids=["overwrite", "resume", "plain"])
+def test_a_search_refuses_a_trainer_runs_job_dir_and_touches_nothing(flags, small_run):
+    from helpers import main_in_fresh_interpreter
+
+    before = file_snapshot(small_run)
+    result = main_in_fresh_interpreter("tuning.task", [*flags, "--epochs", "1", "--job-dir", small_run])
+    assert_brief(result["code"], result["err"], 1, f"--job-dir {small_run}: holds a trainer run",
+                 seconds=result["seconds"], bound=10)
+    assert not result["heavy"], "refused before TensorFlow or KerasTuner loads"
+    assert file_snapshot(small_run) == before and sorted(os.listdir(small_run)) == sorted(
+        ["checkpoints", "logs", "metrics.json", "model", "model_summary.txt", "plots"])
+
+
+def test_a_trainer_run_refuses_a_searchs_job_dir_and_touches_nothing(digits_idx, tmp_path):
+    search = tmp_path / "search"
+    (search / "keras_tuner" / "mnist_cnn").mkdir(parents=True)
+    (search / "search_settings.json").write_text("{}")
+    (search / "keras_tuner" / "mnist_cnn" / "oracle.json").write_text("{}")
+    before = file_snapshot(search)
+    code, _, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                             "--epochs", "1", "--job-dir", str(search)])
+    assert_brief(code, err, 1, f"--job-dir {search}: holds a hyperparameter search")
+    assert file_snapshot(search) == before and sorted(os.listdir(search)) == ["keras_tuner", "search_settings.json"]
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--log-dir", "--model-dir"])
+def test_a_folder_another_run_writes_is_refused_through_any_job_dir(flag, digits_idx, tmp_path):
+    """The other run's hold is taken with the very lock a run takes on its folders (trainer.joblock), in this
+    process; the two-process case with real runs is the slow test below."""
+    from trainer import joblock
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if flag != "--model-dir":  # a model folder holding other files is refused for that reason first
+        (shared / "keep.txt").write_text("the other run's file")
+    held = joblock.acquire_local_folder(str(shared), flag, beside=flag == "--model-dir")
+    try:
+        before = file_snapshot(shared)
+        started = time.monotonic()
+        code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                                   "--epochs", "1", "--job-dir", str(tmp_path / "second"), flag, str(shared)])
+        assert_brief(code, err, 1, f"{flag} {shared}: another run is writing there",
+                     seconds=time.monotonic() - started, bound=30)
+        assert "epoch 1/1" not in out and file_snapshot(shared) == before
+        assert not os.path.exists(tmp_path / "second"), "the refused run leaves no folder behind"
+    finally:
+        held.release()
+
+
+@pytest.mark.slow
+def test_two_runs_with_one_checkpoint_dir_the_second_is_refused(digits_idx, tmp_path):
+    from helpers import start_cli, wait_for_line
+
+    shared = str(tmp_path / "checkpoints")
+    common = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "2000", "--batch-size", "16",
+              "--checkpoint-dir", shared]
+    first = start_cli([*common, "--epochs", "200", "--job-dir", str(tmp_path / "a")], str(tmp_path / "a.log"))
+    try:
+        wait_for_line(str(tmp_path / "a.log"), "epoch 1/200", first)
+        code, out, err, seconds = _cli("trainer.task", [*common, "--epochs", "200", "--job-dir", str(tmp_path / "b")])
+        assert first.poll() is None, "the first run was still writing while the second was refused"
+        assert_brief(code, err, 1, f"--checkpoint-dir {shared}: another run is writing there", "pid")
+        assert "epoch 1/200" not in out
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 143, open(tmp_path / "a.log").read()[-2000:]
+    with open(os.path.join(shared, "history.json")) as handle:  # the first run's checkpoints are its own
+        assert len(json.load(handle)) >= 1
+    assert not os.path.exists(tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------- hangs: bounded
+
+GRID = "0.1:0.5:1e-9"
+DEPLOY = ["--project", "p", "--region", "us-central1", "--job-dir", "gs://my-bucket/runs/r1", "--dry-run"]
+
+BOUNDED = {
+    "tuning grid 4e8": ("tuning.task", ["--dropout-range", GRID], 2, "makes a grid of 400,000,001 rates"),
+    "deploy tune grid 4e8": ("deploy.vertex", ["tune", "--image", "i:x", *DEPLOY, "--dropout-range", GRID], 2,
+                             "makes a grid of 400,000,001 rates"),
+}
+
+
+@pytest.mark.parametrize("case", list(BOUNDED))
+def test_what_could_hang_is_refused_at_once(case, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    module, args, code, fragment = BOUNDED[case]
+    args = [*args, "--job-dir", str(tmp_path / "job")] if module == "tuning.task" else args
+    result = main_in_fresh_interpreter(module, args)
+    assert_brief(result["code"], result["err"], code, fragment, seconds=result["seconds"], bound=5)
+    assert not os.path.exists(tmp_path / "job")
+
+
+def test_a_tuner_worker_whose_oracle_never_starts_gives_up_naming_it(tmp_path):
+    port = free_port()  # nothing listens there
+    code, _, err, seconds = _cli("tuning.task", ["--cluster-wait", "2", "--job-dir", str(tmp_path / "search")],
+                                 KERASTUNER_TUNER_ID="tuner1", KERASTUNER_ORACLE_IP="127.0.0.1",
+                                 KERASTUNER_ORACLE_PORT=str(port))
+    assert_brief(code, err, 1, f"the oracle at 127.0.0.1:{port}", "did not answer within 2 s (--cluster-wait)",
+                 seconds=seconds, bound=10)
+
+
+# --------------------------------------------------------------------------- tracebacks: one line each
+
+NOT_UTF8 = os.fsdecode(b"/tmp/run-\xff")
+
+COMMAND_LINE = {
+    "dropout MAX nan": ("tuning.task", ["--dropout-range", "0.1:nan"], "MAX 'nan' is not a finite number"),
+    "dropout STEP nan": ("tuning.task", ["--dropout-range", "0.1:0.5:nan"], "STEP 'nan' is not a finite number"),
+    "dropout STEP inf": ("tuning.task", ["--dropout-range", "0.1:0.5:inf"], "STEP 'inf' is not a finite number"),
+    "learning rates nan": ("tuning.task", ["--learning-rate-choices", "nan"], "expected positive finite numbers"),
+    "learning rates inf": ("tuning.task", ["--learning-rate-choices", "1e-3,inf"], "expected positive finite"),
+    "deploy dropout nan": ("deploy.vertex", ["tune", "--image", "i:x", *DEPLOY, "--dropout-range", "0.1:0.5:nan"],
+                           "not a finite number"),
+    "job dir not UTF-8": ("trainer.task", ["--job-dir", NOT_UTF8], "not valid UTF-8"),
+    "search blocks too deep": ("tuning.task", ["--blocks", "5"], "--blocks 5: too many conv blocks for 28x28"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMAND_LINE))
+def test_bad_values_are_refused_on_the_command_line(case, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    module, args, fragment = COMMAND_LINE[case]
+    if module == "tuning.task":
+        args = [*args, "--job-dir", str(tmp_path / "job")]
+    result = main_in_fresh_interpreter(module, args)
+    assert_brief(result["code"], result["err"], 2, fragment, seconds=result["seconds"], bound=5)
+    assert not result["heavy"] and not os.path.exists(tmp_path / "job")
+
+
+CLUSTER = '{"cluster": {"worker": ["127.0.0.1:%d", "127.0.0.1:%d"]}, "task": {"type": "worker", "index": 0}}'
+CLUSTER_FAULTS = {
+    "a list": ("TF_CONFIG", "[1, 2]", "TF_CONFIG: is a JSON list, not an object"),
+    "a string for the hosts": ("TF_CONFIG", '{"cluster": {"worker": "a:1"}, "task": {}}',
+                               '"cluster"."worker" is not a list of "host:port" strings'),
+    "a non-integer index": ("TF_CONFIG", CLUSTER.replace('"index": 0', '"index": "x"'), '"index" "x" is not a whole'),
+    "index -1": ("TF_CONFIG", CLUSTER.replace('"index": 0', '"index": -1'), '"index" -1 is not a whole number'),
+    "a port that is not a number": ("TF_CONFIG", CLUSTER.replace(":%d\"]", ':http"]'), "has no port number"),
+    "truncated JSON": ("TF_CONFIG", '{"cluster": {"worker": [', "TF_CONFIG is not valid JSON"),
+    "CLUSTER_SPEC a string": ("CLUSTER_SPEC", '"workerpool0"', "CLUSTER_SPEC: is a JSON str, not an object"),
+    "CLUSTER_SPEC index 1.5": ("CLUSTER_SPEC", '{"cluster": {"workerpool0": ["a:1"], "workerpool1": ["b:2"]}, '
+                               '"task": {"type": "workerpool1", "index": 1.5}}', '"index" 1.5 is not a whole'),
+}
+
+
+@pytest.mark.parametrize("case", list(CLUSTER_FAULTS))
+def test_a_cluster_spec_of_the_wrong_shape_is_one_line(case, tmp_path):
+    variable, value, fragment = CLUSTER_FAULTS[case]
+    value = value % tuple(free_port() for _ in range(value.count("%d")))
+    code, out, err, seconds = _cli("trainer.task", ["--dataset", "idx:/nonexistent", "--job-dir",
+                                                    str(tmp_path / "job"), "--cluster-wait", "5"],
+                                   **{variable: value})
+    assert_brief(code, err, 1, fragment, seconds=seconds, bound=60)
+    assert not os.path.exists(tmp_path / "job")
+
+
+def test_a_search_worker_with_a_cluster_spec_of_the_wrong_shape_is_one_line(tmp_path):
+    code, _, err, seconds = _cli("tuning.task", ["--job-dir", str(tmp_path / "search")],
+                                 CLUSTER_SPEC='{"cluster": {"workerpool0": "a:1"}}')
+    assert_brief(code, err, 1, '"cluster"."workerpool0" is not a list', seconds=seconds, bound=10)
+
+
+def _gzip_damaged_inside(path, payload):
+    """A gzip file whose deflate stream is damaged in the middle (zlib.error, not a bad CRC)."""
+    import gzip
+
+    data = bytearray(gzip.compress(payload, compresslevel=1))
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(range(64))
+    path.write_bytes(bytes(data))
+
+
+def test_run_time_faults_are_one_line(digits_idx, tmp_path):
+    """Several exit-1 faults, one command each: a gzip file damaged inside, MNIST_TRAINER_CACHE naming a file,
+    --hparams-file /dev/zero (a bounded read)."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(digits_idx, damaged)
+    images = damaged / "train-images-idx3-ubyte.gz"
+    import gzip
+
+    _gzip_damaged_inside(images, gzip.decompress(images.read_bytes()))
+    cases = [
+        (["--dataset", f"idx:{damaged}"], {}, f"{images}: cannot read IDX file"),
+        (["--dataset", "idx:gs://some-bucket/mnist"], {"MNIST_TRAINER_CACHE": str(images)},
+         f"MNIST_TRAINER_CACHE {images}: cannot keep the copy"),
+        (["--hparams-file", "/dev/zero"], {}, "--hparams-file /dev/zero: larger than 1 MiB"),
+    ]
+    for args, env, fragment in cases:
+        started = time.monotonic()
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            code, _, err = run_task([*args, "--job-dir", str(tmp_path / "job")])
+        finally:
+            for name, value in old.items():
+                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        assert_brief(code, err, 1, fragment, seconds=time.monotonic() - started, bound=20)
+        assert not os.path.exists(tmp_path / "job")
+
+
+def test_a_truncated_oracle_json_is_named_on_resume_before_tensorflow_loads(tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    project = tmp_path / "search" / "keras_tuner" / "mnist_cnn"
+    project.mkdir(parents=True)
+    (project / "oracle.json").write_text('{"ongoing_trials": {}, "tried_so_')
+    before = file_snapshot(tmp_path / "search")
+    result = main_in_fresh_interpreter("tuning.task", ["--resume", "--job-dir", str(tmp_path / "search")])
+    assert_brief(result["code"], result["err"], 1, "oracle.json is damaged", seconds=result["seconds"], bound=5)
+    assert not result["heavy"] and file_snapshot(tmp_path / "search") == before
+
+
+@pytest.mark.slow
+def test_stdout_closed_early_the_run_finishes_with_one_line(digits_idx, tmp_path):
+    job_dir = str(tmp_path / "job")
+    command = (f"{sys.executable} -m trainer.task --dataset idx:{digits_idx} --preset seed --train-limit 600 "
+               f"--epochs 2 --job-dir {job_dir} | head -1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=ROOT_DIR, env=trainer_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr[-3000:]
+    assert "standard output was closed by its reader" in result.stderr
+    assert read_metrics(job_dir)["epochs_completed"] == 2
+
+
+def _raise(*_args, **_kwargs):
+    raise RuntimeError("a fault nobody expected")
+
+
+UNEXPECTED = {  # CLI -> (module to patch, function, arguments)
+    "trainer.task": ("trainer.train", "train_and_evaluate", ["--dataset", "idx:/nonexistent"]),
+    "tuning.task": ("tuning.task", "_search", []),
+    "deploy.vertex": ("deploy.vertex", "build_job", ["train", "--image", "i:x", *DEPLOY]),
+    "trainer.predict": ("trainer.predict.cli", "predict", ["--model-dir", "/nonexistent", "x.png"]),
+}
+
+
+@pytest.mark.parametrize("cli", list(UNEXPECTED))
+def test_an_unexpected_exception_is_one_line_naming_the_saved_traceback(cli, monkeypatch, tmp_path):
+    """An exception no handler expects, raised (by patching one function) where each CLI does its work."""
+    import contextlib
+    import importlib
+    import io
+    import re
+
+    module, name, args = UNEXPECTED[cli]
+    monkeypatch.setattr(importlib.import_module(module), name, _raise)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    job_dir = tmp_path / "job"
+    if cli in ("trainer.task", "tuning.task"):
+        job_dir.mkdir()
+        args = [*args, "--job-dir", str(job_dir)]
+    main = importlib.import_module("trainer.predict.cli" if cli == "trainer.predict" else cli).main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(args)
+    assert_brief(code, err.getvalue(), 1, "unexpected RuntimeError: a fault nobody expected",
+                 "the full traceback is in")
+    saved = re.search(r"the full traceback is in (\S+)", err.getvalue()).group(1)
+    assert os.path.dirname(saved) == str(job_dir if cli in ("trainer.task", "tuning.task") else tmp_path)
+    with open(saved) as handle:
+        assert "Traceback" in handle.read()
+
+
+# --------------------------------------------------------------------- wrong results: refused instead
+
+REFUSED = {
+    "local --job-dir after --": (["train", "--image", "i:x", *DEPLOY, "--", "--job-dir", "runs/x"],
+                                 "--job-dir runs/x is on the replica's own disk"),
+    "local --checkpoint-dir after --": (["train", "--image", "i:x", *DEPLOY, "--", "--checkpoint-dir", "/tmp/c"],
+                                        "--checkpoint-dir /tmp/c is on the replica's own disk"),
+    "bucket the trainer refuses": (["train", "--image", "i:x", "--project", "p", "--dry-run", "--job-dir",
+                                    "gs://Bad_Bucket!/r"], "--job-dir gs://Bad_Bucket!/r: bucket name"),
+    "staging bucket refused": (["train", "--project", "p", "--dry-run", "--job-dir", "gs://my-bucket/r",
+                                "--package", "--executor-image", "i:x", "--staging-bucket", "gs://ab"],
+                               "--staging-bucket gs://ab: bucket name 'ab' is not valid"),
+    "--filter-choices too deep": (["tune", "--image", "i:x", *DEPLOY, "--filter-choices", "16,32;8,8,8,8,8"],
+                                  "--filter-choices '8,8,8,8,8'", "too deep for 28x28"),
+    "--filters too deep after --": (["train", "--image", "i:x", *DEPLOY, "--", "--filters", "8,8,8,8,8"],
+                                    "5 conv blocks are too deep for 28x28"),
+    "--stop-grace nan": (["train", "--image", "i:x", "--project", "p", "--job-dir", "gs://my-bucket/r", "--local",
+                          "--stop-grace", "nan"], "must be 0 or more (and finite)", "--stop-grace nan"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_deploy_refuses_requests_that_can_only_fail_in_the_cloud(case):
+    from helpers import main_in_fresh_interpreter
+
+    args, *fragments = REFUSED[case]
+    result = main_in_fresh_interpreter("deploy.vertex", args)
+    assert_brief(result["code"], result["err"], 2, *fragments, seconds=result["seconds"], bound=5)
+    assert result["out"] == ""
+
+
+@pytest.mark.parametrize("names,fragment", [("a,,c,d,e,f,g,h,i,j", "name 2 is empty"),
+                                            ("a,b,c,d,e,f,g,h,i, ", "name 10 is empty"),
+                                            ("a,a,c,d,e,f,g,h,i,j", "names repeat")])
+def test_class_names_predict_would_refuse_are_refused_at_once(names, fragment, tmp_path):
+    started = time.monotonic()
+    code, _, err = run_task(["--class-names", names, "--job-dir", str(tmp_path / "job")])
+    assert_brief(code, err, 2, "--class-names", fragment, seconds=time.monotonic() - started, bound=5)
+
+
+def test_profile_steps_beyond_the_run_are_refused_before_training(digits_idx, tmp_path):
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                               "--epochs", "1", "--profile-steps", "500,510", "--job-dir", str(tmp_path / "job")])
+    assert_brief(code, err, 1, "--profile-steps 500,510: this run has only 4 steps (1 epoch(s) of 4)")
+    assert "epoch 1/1" not in out and not os.path.exists(tmp_path / "job")
+
+
+def test_a_finished_run_rerun_with_fewer_epochs_changes_nothing(small_run, digits_idx):
+    before = file_snapshot(small_run)
+    started = time.monotonic()
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                               "--epochs", "1", "--job-dir", small_run])
+    assert_brief(code, err, 1, "already trained 2 epochs, more than --epochs 1",
+                 seconds=time.monotonic() - started, bound=10)
+    assert file_snapshot(small_run) == before
+
+
+def test_out_of_memory_while_reading_data_names_the_file_not_the_model(digits_idx, monkeypatch):
+    """Running this machine (24 GiB) out of memory for real is not safe for the other jobs on it, so the
+    read of the data file raises MemoryError as a read beyond the memory does."""
+    import builtins
+
+    from trainer import data
+
+    real_open = builtins.open
+
+    class Huge:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self, *args):
+            raise MemoryError()
+
+    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: Huge(real_open(path, mode, *a, **k)),
+                        raising=False)
+    path = os.path.join(digits_idx, "t10k-labels-idx1-ubyte")
+    path = path if os.path.exists(path) else next(os.path.join(digits_idx, name) for name in os.listdir(digits_idx)
+                                                  if not name.endswith(".gz"))
+    from trainer.errors import TrainerError
+
+    with pytest.raises(TrainerError, match="out of memory while reading this data file") as raised:
+        data.read_idx(path, "labels")
+    assert "--batch-size" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peer_port_is_held_by_another_program_stops_on_sigterm(digits_idx, tmp_path):
+    """A silent listener holds the peer's port; --cluster-wait 0 (forever): SIGTERM still stops the worker
+    (after the grace its peers get), with one line naming the port's holder, and no job folder is left."""
+    import socket
+
+    from helpers import start_cli, wait_for_line
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        ports = [free_port(), silent.getsockname()[1]]
+        config = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+                             "task": {"type": "worker", "index": 0}})
+        log = str(tmp_path / "log")
+        process = start_cli(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--cluster-wait", "0",
+                             "--job-dir", str(tmp_path / "job")], log, TF_CONFIG=config)
+        wait_for_line(log, "waiting for the cluster to start", process, timeout=120)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=90) == 143
+    text = open(log).read()
+    assert time.monotonic() - started < 40 and "Traceback" not in text, text[-3000:]
+    assert "not a TensorFlow worker" in text and "stopped by SIGTERM while waiting for the cluster" in text
+    assert not os.path.exists(tmp_path / "job")

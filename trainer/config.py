@@ -208,6 +208,23 @@ def join_path(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def _check_names_and_paths(config: Config, require) -> None:
+    """--class-names: ten distinct non-empty names; every path valid UTF-8 (TensorFlow's file names are)."""
+    if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
+        names = [name.strip() for name in config.class_names.split(",")]
+        require(len(names) == 10, "--class-names must be auto, digits, fashion or ten comma-separated names")
+        require(all(names), f"--class-names {config.class_names!r}: name {names.index('') + 1 if '' in names else 0} "
+                            "is empty; give every class a name")
+        require(len(set(names)) == 10, f"--class-names {config.class_names!r}: names repeat; give each class its own")
+    for flag, path in list(output_folders(config).items()) + [("--dataset", config.dataset),
+                                                                ("--data-dir", config.data_dir or "")]:
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            require(False, f"{flag} {path.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8; TensorFlow "
+                           "needs UTF-8 file names")
+
+
 def validate(config: Config) -> None:
     """Range and syntax checks that need no I/O; raises ValueError naming the setting."""
     def require(ok: bool, message: str):
@@ -258,9 +275,7 @@ def validate(config: Config) -> None:
         require(bool(_TFDS_NAME.match(config.dataset)),
                 f"--dataset {config.dataset!r}: expected a TFDS name (mnist, fashion_mnist, kmnist) "
                 "or idx:FOLDER")
-    if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
-        require(len(config.class_names.split(",")) == 10,
-                "--class-names must be auto, digits, fashion or ten comma-separated names")
+    _check_names_and_paths(config, require)
     for flag, path in list(output_folders(config).items()) + [("--dataset idx:", config.idx_dir)]:
         if path.startswith("gs://"):
             problem = bucket_problem(path)
@@ -506,6 +521,9 @@ def default_job_dir(environ: Mapping[str, str], now: Optional[datetime.datetime]
     return os.path.join("runs", now.strftime("%Y%m%d-%H%M%S"))
 
 
+HPARAMS_FILE_LIMIT = 1024 * 1024  # read at most this much of --hparams-file (it could be /dev/zero)
+
+
 def read_hparams_file(path: str) -> dict:
     """Flag values from a JSON file (keys are flag names with underscores); an I/O fault, so TrainerError."""
     import json
@@ -513,8 +531,12 @@ def read_hparams_file(path: str) -> dict:
     from trainer.errors import TrainerError
 
     try:
-        with open(path) as handle:
-            raw = json.load(handle)
+        with open(path, "rb") as handle:
+            data = handle.read(HPARAMS_FILE_LIMIT + 1)
+        if len(data) > HPARAMS_FILE_LIMIT:
+            raise TrainerError(f"--hparams-file {path}: larger than {HPARAMS_FILE_LIMIT // 2**20} MiB, so not a "
+                               "file of flag values (best_hyperparameters.json is a few hundred bytes)")
+        raw = json.loads(data.decode("utf-8"))
     except OSError as error:
         raise TrainerError(f"--hparams-file {path}: cannot read it ({error.strerror})") from None
     except json.JSONDecodeError as error:

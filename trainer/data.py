@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 import threading
+import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,8 +55,12 @@ def read_idx(path: str, kind: str) -> np.ndarray:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:  # gzip raises BadGzipFile (an OSError) or EOFError when cut short
+    # gzip raises BadGzipFile (an OSError) or EOFError when cut short, zlib.error when damaged inside
+    except (OSError, EOFError, zlib.error) as error:
         raise TrainerError(f"{path}: cannot read IDX file ({error})") from None
+    except MemoryError:
+        raise TrainerError(f"{path}: out of memory while reading this data file (is it an MNIST-sized IDX file?)"
+                           ) from None
     expected_magic, header_size = (_IMAGES_MAGIC, 16) if kind == "images" else (_LABELS_MAGIC, 8)
     if len(raw) < header_size:
         raise TrainerError(f"{path}: file too short for an IDX header ({len(raw)} bytes)")
@@ -253,12 +258,17 @@ def split_arrays(arrays: dict, config: Config, name: str, class_names: Sequence[
 
 
 def load_splits(config: Config) -> Splits:
-    """Load the configured dataset and split it; every fault is a TrainerError naming the file or setting."""
-    if config.dataset_kind == "idx":
-        arrays = load_idx_folder(config.idx_dir)
-        return split_arrays(arrays, config, config.dataset, resolve_class_names(config))
-    arrays, names = load_tfds(config.dataset, config.data_dir)
-    return split_arrays(arrays, config, config.dataset, resolve_class_names(config, names))
+    """Load the configured dataset and split it; every fault is a TrainerError naming the file or setting
+    (running out of memory here names the data, not the model)."""
+    try:
+        if config.dataset_kind == "idx":
+            arrays = load_idx_folder(config.idx_dir)
+            return split_arrays(arrays, config, config.dataset, resolve_class_names(config))
+        arrays, names = load_tfds(config.dataset, config.data_dir)
+        return split_arrays(arrays, config, config.dataset, resolve_class_names(config, names))
+    except MemoryError:
+        raise TrainerError(f"--dataset {config.dataset}: out of memory while loading the data (is it MNIST-sized? "
+                           "--train-limit does not shrink what is read)") from None
 
 
 # ---------------------------------------------------------------------------------------------- pipelines

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 from typing import Any, List, Mapping, Optional, Tuple
 
@@ -86,12 +87,45 @@ def cluster_config(environ: Mapping[str, str]) -> Optional[dict]:
         spec = json.loads(raw)
     except json.JSONDecodeError as error:
         raise TrainerError(f"{source} is not valid JSON ({error})") from None
+    check_cluster_shape(spec, source)
     if source == "CLUSTER_SPEC":
         cluster = {VERTEX_POOLS.get(pool, pool): hosts for pool, hosts in spec.get("cluster", {}).items() if hosts}
         task = spec.get("task", {})
         spec = {"cluster": cluster, "task": {"type": VERTEX_POOLS.get(task.get("type"), task.get("type")),
                                              "index": int(task.get("index", 0))}}
     return spec if len(training_tasks(spec)) > 1 else None
+
+
+def check_cluster_shape(spec: object, source: str) -> None:
+    """Raise a TrainerError naming the first part of a TF_CONFIG or CLUSTER_SPEC that has the wrong JSON shape:
+    an object {"cluster": {TYPE: ["host:port", ...]}, "task": {"type": TYPE, "index": N}}, N a whole number
+    from 0 (whether the task is in its cluster is `wait_for_peers`'s check)."""
+    def refuse(what: str) -> TrainerError:
+        return TrainerError(f"{source}: {what}; expected {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, "
+                            "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+
+    if not isinstance(spec, dict):
+        raise refuse(f"is a JSON {type(spec).__name__}, not an object")
+    cluster, task = spec.get("cluster", {}), spec.get("task", {})
+    if not isinstance(cluster, dict):
+        raise refuse(f"\"cluster\" is a JSON {type(cluster).__name__}, not an object")
+    for kind, hosts in cluster.items():
+        if not isinstance(hosts, list) or not all(isinstance(host, str) for host in hosts):
+            raise refuse(f"\"cluster\".\"{kind}\" is not a list of \"host:port\" strings")
+        for host in hosts:
+            port = host.rpartition(":")[2]
+            if not (port.isdigit() and 0 < int(port) < 65536):
+                raise refuse(f"\"cluster\".\"{kind}\" address {host!r} has no port number in [1, 65535]")
+    if not isinstance(task, dict):
+        raise refuse(f"\"task\" is a JSON {type(task).__name__}, not an object")
+    index = task.get("index", 0)
+    if isinstance(index, str) and index.isdigit():  # Vertex AI's CLUSTER_SPEC has been seen with "0"
+        index = int(index)
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise refuse(f"\"task\".\"index\" {json.dumps(task.get('index'))} is not a whole number from 0")
+    kind = task.get("type")
+    if kind is not None and not isinstance(kind, str):
+        raise refuse(f"\"task\".\"type\" {json.dumps(kind)} is not a string")
 
 
 def training_tasks(tf_config: dict) -> List[tuple]:
@@ -226,32 +260,94 @@ def cluster_peers(tf_config: dict) -> List[tuple]:
     return [(f"{kind} {index}", address) for kind, index, address in training_tasks(tf_config) if (kind, index) != own]
 
 
-def _listening(address: str, timeout: float = 1.0) -> bool:
-    """Whether something accepts TCP connections at HOST:PORT (a peer's gRPC server has started)."""
+BEACON_GREETING = b"mnist-trainer waiting for its cluster\n"
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + empty SETTINGS
+
+
+def _is_peer_reply(data: bytes) -> bool:
+    """A waiting trainer's greeting, or the HTTP/2 SETTINGS frame a gRPC server (TensorFlow's) opens with."""
+    return data.startswith(BEACON_GREETING[:8]) or (len(data) >= 9 and data[3] == 4)
+
+
+def _peer_state(address: str, timeout: float = 1.0) -> str:
+    """'started' when a trainer (waiting, or its TensorFlow server) answers at HOST:PORT, 'absent' when nothing
+    accepts connections there, 'foreign' when something else does (it would block TensorFlow's start for ever)."""
     host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except (OSError, ValueError):  # refused, unreachable, a name not resolvable yet, a bad port
-        return False
+        return "absent"
+    with connection:
+        try:
+            connection.settimeout(0.5)
+            try:
+                data = connection.recv(64)
+            except socket.timeout:
+                connection.sendall(_HTTP2_PREFACE)
+                connection.settimeout(timeout)
+                data = connection.recv(64)
+        except OSError:  # accepted, then silence or a reset: not a trainer
+            return "foreign"
+    return "started" if _is_peer_reply(data) else "foreign"
 
 
 def not_started(peers: List[tuple]) -> List[str]:
-    """The peers whose server does not answer yet, as 'worker 1 (host:port)'."""
-    return [f"{name} ({address})" for name, address in peers if not _listening(address)]
+    """The peers that do not answer as a trainer yet, as 'worker 1 (host:port)' (with a note when something
+    that is not a trainer holds the port)."""
+    missing = []
+    for name, address in peers:
+        state = _peer_state(address)
+        if state == "absent":
+            missing.append(f"{name} ({address})")
+        elif state == "foreign":
+            missing.append(f"{name} ({address}: something that is not a TensorFlow worker holds this port)")
+    return missing
 
 
-def _beacon(address: str):
+class _Beacon:
     """A listening socket on this task's own port while it waits for its peers, so that they see it start
-    before TensorFlow's server takes the port over (SO_REUSEADDR: the port is free again at once)."""
-    port = int(address.rpartition(":")[2])
-    try:
-        if socket.has_dualstack_ipv6():
-            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=False)
-        return socket.create_server(("", port))
-    except OSError as error:
-        raise TrainerError(f"cannot listen on port {port} ({address} in the cluster spec): {error.strerror}; "
-                           "another process holds it") from None
+    before TensorFlow's server takes the port over (SO_REUSEADDR: the port is free again at once). It greets
+    every connection with BEACON_GREETING, which tells it apart from another program holding the port."""
+
+    def __init__(self, address: str):
+        port = int(address.rpartition(":")[2])
+        try:
+            if socket.has_dualstack_ipv6():
+                self.server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                                   reuse_port=False)
+            else:
+                self.server = socket.create_server(("", port))
+        except OSError as error:
+            raise TrainerError(f"cannot listen on port {port} ({address} in the cluster spec): {error.strerror}; "
+                               "another process holds it") from None
+        self.server.settimeout(0.2)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._greet, name="cluster-beacon", daemon=True)
+        self.thread.start()
+
+    def _greet(self) -> None:
+        while not self.done.is_set():
+            try:
+                connection, _ = self.server.accept()
+            except OSError:  # the 0.2 s timeout (check `done` again), or the socket closed
+                continue
+            try:
+                connection.settimeout(1.0)
+                connection.sendall(BEACON_GREETING)
+                while connection.recv(64):  # the prober closes first, so this port keeps no TIME_WAIT
+                    pass
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    def __enter__(self) -> "_Beacon":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=2)
+        self.server.close()
 
 
 def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None) -> None:
@@ -275,7 +371,7 @@ def wait_for_peers(tf_config: dict, wait_seconds: float, log=print, signals=None
     started = time.monotonic()
     deadline = started + wait_seconds if wait_seconds else float("inf")
     next_report, graced = started + min(10, wait_seconds / 2 or 10), False
-    with _beacon(own):
+    with _Beacon(own):
         while True:
             missing = not_started(peers)
             if not missing:

@@ -5,11 +5,12 @@ turns the faults of writing outputs (a full disk, a vanished folder, TensorFlow'
 """
 
 import contextlib
+import io
 import os
 import re
 import sys
 import tempfile
-from typing import List
+from typing import List, Optional
 
 
 class TrainerError(Exception):
@@ -117,3 +118,74 @@ def writing(what: str, consequence: str = ""):
         if not (isinstance(error, (OSError, MemoryError)) or is_tensorflow_error(error)):
             raise
         raise TrainerError(f"{what}: {fault_reason(error)}" + (f"; {consequence}" if consequence else "")) from None
+
+
+def unexpected_line(error: BaseException, job_dir: Optional[str] = None, program: str = "mnist-trainer") -> str:
+    """The one line for an exception no handler expected: its type and message, and the file its full
+    traceback was saved to (in `job_dir` when that is an existing local folder, else the temporary folder)."""
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    name = f"{program}-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    folders = [tempfile.gettempdir()]
+    if job_dir and "://" not in job_dir and os.path.isdir(job_dir):
+        folders.insert(0, job_dir)
+    saved = "(it could not be saved)"
+    for folder in folders:
+        try:
+            with open(os.path.join(folder, name), "w", encoding="utf-8", errors="replace") as handle:
+                handle.write(text)
+            saved = f"the full traceback is in {os.path.join(folder, name)}"
+            break
+        except OSError:
+            continue
+    message = (str(error).strip().splitlines() or [""])[0][:300]
+    return f"error: unexpected {type(error).__name__}" + (f": {message}" if message else "") + f"; {saved}"
+
+
+class _ClosableStdout(io.TextIOWrapper):
+    """Standard output that survives its reader going away (`... | head -1`): the first broken pipe sends the
+    rest of the output to /dev/null and says so once on stderr, so the run goes on instead of dying mid-epoch."""
+
+    closed_by_reader = False
+
+    def _broken(self) -> None:
+        if not self.closed_by_reader:
+            self.closed_by_reader = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.buffer.fileno())  # what is still buffered then goes nowhere, quietly
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+            print("note: standard output was closed by its reader; the run goes on without printing",
+                  file=sys.stderr)
+
+    def write(self, text: str) -> int:
+        try:
+            return super().write(text)
+        except BrokenPipeError:
+            self._broken()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            self._broken()
+            super().flush()
+
+
+def guard_stdout() -> None:
+    """Put _ClosableStdout over the process's own standard output (not over a test's stand-in)."""
+    if sys.stdout is not sys.__stdout__ or sys.stdout is None or isinstance(sys.stdout, _ClosableStdout):
+        return
+    try:
+        sys.stdout.flush()
+        buffer = sys.stdout.buffer
+        buffer.fileno()
+    except (AttributeError, OSError, ValueError):  # no real file behind it: nothing to guard
+        return
+    sys.stdout = _ClosableStdout(buffer, encoding=sys.stdout.encoding, errors="backslashreplace",
+                                 line_buffering=True)

@@ -77,10 +77,10 @@ def _refusal(flag: str, job_dir: str, owner: dict) -> TrainerError:
 class LocalLock:
     """`flock` on JOB_DIR/.lock; the file records the owner and is removed on release."""
 
-    def __init__(self, job_dir: str, flag: str, environ: Mapping[str, str]):
+    def __init__(self, job_dir: str, flag: str, environ: Mapping[str, str], path: Optional[str] = None):
         import fcntl
 
-        self.path = os.path.join(job_dir, LOCK_NAME)
+        self.path = path or os.path.join(job_dir, LOCK_NAME)
         while True:
             handle = open(self.path, "a+")
             try:
@@ -214,3 +214,17 @@ def acquire(job_dir: str, flag: str = "--job-dir", environ: Optional[Mapping[str
     if storage.is_gcs(job_dir):
         return GcsLock(job_dir, flag, environ)
     return LocalLock(job_dir, flag, environ)
+
+
+def sibling_lock_path(folder: str) -> str:
+    """The lock of a folder that is replaced as a whole (a model folder): `.NAME.lock` next to it."""
+    folder = os.path.abspath(folder)
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}{LOCK_NAME}")
+
+
+def acquire_local_folder(folder: str, flag: str, beside: bool = False,
+                         environ: Optional[Mapping[str, str]] = None) -> LocalLock:
+    """Lock one more local output folder of a run (its checkpoint, log or model folder), so that a second run
+    writing there through another --job-dir is refused too; `beside`: lock it from next to the folder."""
+    environ = os.environ if environ is None else environ
+    return LocalLock(folder, flag, environ, path=sibling_lock_path(folder) if beside else None)

@@ -32,6 +32,7 @@ class Outputs:
     remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
     scratch: str = ""  # this process's temporary folder ("" when it writes straight to its outputs)
     lock: Optional[joblock.Lock] = None  # the chief's hold on the job dir
+    folder_locks: List[joblock.LocalLock] = dataclasses.field(default_factory=list)  # its other local outputs
     created: List[str] = dataclasses.field(default_factory=list)  # local folders this run made, outermost first
 
     @property
@@ -96,6 +97,9 @@ class Outputs:
     def close(self) -> None:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
+        for folder_lock in reversed(self.folder_locks):
+            folder_lock.release()
+        self.folder_locks = []
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -129,6 +133,12 @@ def _check_chief_outputs(config: Config) -> None:
     could only replace by deleting someone else's files."""
     from trainer.config import output_folders, output_overlap
 
+    if not storage.is_gcs(config.job_dir):
+        search = [name for name in ("search_settings.json", "keras_tuner") if os.path.exists(
+            os.path.join(config.job_dir, name))]
+        if search:
+            raise TrainerError(f"--job-dir {config.job_dir}: holds a hyperparameter search ({', '.join(search)}), "
+                               "whose logs/ this run would mix with its own; choose another --job-dir")
     overlap = output_overlap(output_folders(config),
                              lambda path: path if storage.is_gcs(path) else os.path.realpath(path))
     if overlap:
@@ -142,10 +152,31 @@ def _check_chief_outputs(config: Config) -> None:
         model_folder.remove_export_debris(config.model_dir)
 
 
+def _lock_local_folders(config: Config, local: Dict[str, str], held: List[joblock.LocalLock],
+                        model: bool) -> None:
+    """Lock the chief's local checkpoint and log folders (or, `model`, the model folder, from beside it),
+    each once, so that a run with another --job-dir but one of these folders is refused."""
+    def key(path: str) -> str:
+        return os.path.realpath(path)
+
+    taken = {key(lock.path) for lock in held} | {key(os.path.join(config.job_dir, joblock.LOCK_NAME))}
+    names = ("model_dir",) if model else ("checkpoint_dir", "log_dir")
+    for name in names:
+        path = getattr(config, name)
+        if storage.is_gcs(path) or path != local[name]:
+            continue
+        lock_path = joblock.sibling_lock_path(path) if model else os.path.join(path, joblock.LOCK_NAME)
+        if key(lock_path) in taken:
+            continue
+        held.append(joblock.acquire_local_folder(path, f"--{name.replace('_', '-')}", beside=model))
+        taken.add(key(lock_path))
+
+
 def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> Outputs:
     """Check and create every output now, so a bad path fails before data loads or training starts.
 
-    The chief locks the job dir first (one writer per job dir, see trainer.joblock); the lock is released
+    The chief locks the job dir first (one writer per job dir, see trainer.joblock), then its other local
+    output folders (checkpoint and log folders, the model folder from beside it); the locks are released
     by `Outputs.close`.
     """
     requested = {name: getattr(config, name) for name in NAMES}
@@ -161,6 +192,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
         else:
             local[name] = path
     lock: Optional[joblock.Lock] = None
+    folder_locks: List[joblock.LocalLock] = []
     created: List[str] = []
     try:
         for url in dict.fromkeys(remote.values()):
@@ -170,9 +202,12 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
                       else created)
         if is_chief:
             lock = joblock.acquire(config.job_dir)
+            _lock_local_folders(config, local, folder_locks, model=False)
             _check_chief_outputs(config)
         _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir",
                   None if scratch and local["model_dir"].startswith(scratch) else created)
+        if is_chief:
+            _lock_local_folders(config, local, folder_locks, model=True)
         restore_dir = None
         if config.resume:
             restore_dir = config.checkpoint_dir
@@ -182,10 +217,13 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
     except BaseException:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
+        for folder_lock in reversed(folder_locks):
+            folder_lock.release()
         if lock is not None:
             lock.release()
         Outputs(local["job_dir"], local["model_dir"], local["log_dir"], local["checkpoint_dir"], is_chief=is_chief,
                 restore_dir=None, created=created).remove_unused_folders()
         raise
     return Outputs(local["job_dir"], local["model_dir"], local["log_dir"], local["checkpoint_dir"], is_chief=is_chief,
-                   restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock, created=created)
+                   restore_dir=restore_dir, remote=remote, scratch=scratch, lock=lock, folder_locks=folder_locks,
+                   created=created)

@@ -305,7 +305,12 @@ def cached_copy(url: str, cache_root: Optional[str] = None) -> str:
     cache_root = cache_root or os.environ.get("MNIST_TRAINER_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "mnist-trainer")
     local = os.path.join(cache_root, "gcs", bucket_name, *[part for part in prefix.split("/") if part])
-    os.makedirs(local, exist_ok=True)
+    try:
+        os.makedirs(local, exist_ok=True)
+    except OSError as error:
+        source = "MNIST_TRAINER_CACHE" if os.environ.get("MNIST_TRAINER_CACHE") == cache_root else "the cache folder"
+        raise TrainerError(f"{source} {cache_root}: cannot keep the copy of {url} there ({error.strerror}); "
+                           "point it at a folder") from None
     if download_dir(url, local, mirror=True) == 0:
         raise TrainerError(f"{url}: no objects there (or the bucket does not exist)")
     return local

@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from trainer.config import parse_config
-from trainer.errors import Interrupted, TrainerError
+from trainer.errors import Interrupted, TrainerError, guard_stdout, unexpected_line
 
 
 def _quiet_tensorflow() -> None:
@@ -24,7 +24,7 @@ def _line_buffered() -> None:
     """Progress lines reach a log file or pipe as they are printed, not in 8 KiB blocks at exit."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # not when a test has swapped in a StringIO
-            stream.reconfigure(line_buffering=True)
+            stream.reconfigure(line_buffering=True, errors="backslashreplace")
 
 
 def _single_process(environ) -> bool:
@@ -49,12 +49,36 @@ def _failure(error: BaseException) -> Optional[str]:
     return None
 
 
+def _already_complete(config) -> bool:
+    """Whether these folders hold this very run in full (said on stdout; nothing is rewritten); a TrainerError
+    when they hold more epochs than --epochs."""
+    from trainer.checkpoints import finished_run
+    done = finished_run(config)
+    if done:
+        print(f"this run is already complete: {config.epochs}/{config.epochs} epochs, test_accuracy "
+              f"{done.get('test_accuracy', float('nan')):.4f}; its model is in {config.model_dir}, "
+              f"metrics.json and plots/ in {config.job_dir}, logs in {config.log_dir}. Nothing was "
+              "rewritten: pass a larger --epochs to train on, or --no-resume to start again")
+        return True
+    from trainer.checkpoints import epochs_beyond
+    beyond = epochs_beyond(config)
+    if beyond:
+        raise TrainerError(f"--checkpoint-dir {config.checkpoint_dir}: this run already trained {beyond} "
+                           f"epochs, more than --epochs {config.epochs}; nothing was changed: pass --epochs "
+                           f"{beyond} or more to go on, or --no-resume to start again")
+    return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _line_buffered()
+    guard_stdout()
     try:
         config = parse_config(argv, os.environ)  # exits 2 on a syntax or range error
     except TrainerError as error:  # --hparams-file could not be read
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        print(unexpected_line(error, None, "trainer"), file=sys.stderr)
         return 1
     _quiet_tensorflow()
     from trainer.distribute import prepare_tpu_environment
@@ -68,13 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if config.dataset_kind == "tfds":
                 from trainer.data import check_tfds_offline
                 check_tfds_offline(config.dataset, config.data_dir)  # before the heavy imports
-            from trainer.checkpoints import finished_run
-            done = finished_run(config)
-            if done:
-                print(f"this run is already complete: {config.epochs}/{config.epochs} epochs, test_accuracy "
-                      f"{done.get('test_accuracy', float('nan')):.4f}; its model is in {config.model_dir}, "
-                      f"metrics.json and plots/ in {config.job_dir}, logs in {config.log_dir}. Nothing was "
-                      "rewritten: pass a larger --epochs to train on, or --no-resume to start again")
+            if _already_complete(config):
                 return 0
             from trainer.train import train_and_evaluate
             metrics = train_and_evaluate(config, environ=os.environ)
@@ -91,9 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return stop.exit_code
     except Exception as error:
         line = _failure(error)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {line}" if line else unexpected_line(error, config.job_dir, "trainer"), file=sys.stderr)
         return 1
     if signals.exit_code is not None:  # it came after training: the outputs were completed first
         print(f"stopped by {NAMES[signals.exit_code]} after training had ended; the test evaluation and export were "

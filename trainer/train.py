@@ -87,6 +87,10 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
     if steps < 1:
         raise TrainerError(f"--batch-size {config.batch_size} is larger than the {len(splits.train[0])} training "
                            "examples; lower it or raise --train-limit")
+    if config.profile_steps and config.profile_steps[0] > steps * config.epochs:
+        raise TrainerError(f"--profile-steps {config.profile_steps[0]},{config.profile_steps[1]}: this run has only "
+                           f"{steps * config.epochs} steps ({config.epochs} epoch(s) of {steps}), so nothing would be "
+                           "profiled; choose steps within the run")
     log(f"dataset {splits.name}: {len(splits.train[0])} train, {len(splits.validation[0])} validation, "
         f"{len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
         f"replica(s){', ' + policy if policy != 'float32' else ''}{', XLA' if extras.jit_compile else ''}; "

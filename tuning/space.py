@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 # Hyperparameter names are the trainer's flag names, so best values can be passed straight back.
+MAX_GRID = 1000  # rates on a --dropout-range grid: enough for any real search, small enough to list at once
 FILTERS, DROPOUT, DENSE_UNITS, LEARNING_RATE = "filters", "dropout", "dense_units", "learning_rate"
 
 
@@ -44,6 +46,8 @@ def dropout_range(text: str) -> DropoutRange:
             numbers.append(float(part))
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} {part!r} is not a number (in {text!r})") from None
+        if not math.isfinite(numbers[-1]):
+            raise argparse.ArgumentTypeError(f"{name} {part!r} is not a finite number (in {text!r})")
     low, high, step = numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None
     for name, value in (("MIN", low), ("MAX", high)):
         if not 0 <= value < 1:
@@ -57,6 +61,10 @@ def dropout_range(text: str) -> DropoutRange:
     if step is not None and step > high - low + 1e-9:
         raise argparse.ArgumentTypeError(f"STEP {step:g} is larger than MAX - MIN ({high - low:g}): "
                                          "the grid would hold MIN alone")
+    if step is not None and (high - low) / step + 1 > MAX_GRID:
+        raise argparse.ArgumentTypeError(f"STEP {step:g} makes a grid of {int((high - low) / step + 1):,} rates, "
+                                         f"more than {MAX_GRID:,}: use a larger STEP, or MIN:MAX for a continuous "
+                                         "range")
     return DropoutRange(low, high, step)
 
 

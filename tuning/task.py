@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 from typing import List, Mapping, MutableMapping, Optional, Sequence
 
-from trainer.config import PRESETS, Config, HelpFormatter
+from trainer.config import MAX_CLUSTER_WAIT, PRESETS, Config, HelpFormatter
 from trainer.errors import Interrupted, TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
@@ -53,8 +54,8 @@ def _float_list(text: str):
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    if not values or not all(math.isfinite(value) and value > 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive finite numbers, got {text!r}")
     return values
 
 
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma list: search the dense layer's units too (default: the preset's)")
     search.add_argument("--learning-rate-choices", type=_float_list, default=(),
                         help="comma list: search the learning rate too (default: the preset's)")
+    search.add_argument("--cluster-wait", type=float, default=600.0, metavar="SECONDS",
+                        help="distributed search: how long a tuner worker waits for the chief's oracle to answer "
+                             "(0: forever)")
     search.add_argument("--resume", action="store_true",
                         help="continue the search already in --job-dir (refused if its settings differ)")
     search.add_argument("--overwrite", action="store_true", help="delete the search already in --job-dir")
@@ -116,6 +120,9 @@ def parse(argv: Optional[Sequence[str]]):
                      "(and --hyperband-factor)")
     if args.tuner != "hyperband" and args.max_epochs is not None:
         parser.error("--max-epochs applies to --tuner hyperband only; use --epochs for trial length")
+    if not (math.isfinite(args.cluster_wait) and 0 <= args.cluster_wait <= MAX_CLUSTER_WAIT):
+        parser.error(f"--cluster-wait must be in [0, {MAX_CLUSTER_WAIT}] seconds (0: wait forever), got "
+                     f"{args.cluster_wait:g}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
     if args.job_dir.startswith("gs://"):
@@ -141,6 +148,14 @@ def parse(argv: Optional[Sequence[str]]):
                       strategy="default", **preset)
     except ValueError as error:
         parser.error(str(error))
+    from trainer.images import IMAGE_SIZE
+    from trainer.model import feature_map_sizes
+
+    try:
+        feature_map_sizes((1,) * args.blocks, convs_per_block=base.convs_per_block, padding=base.padding)
+    except TrainerError:
+        parser.error(f"--blocks {args.blocks}: too many conv blocks for {IMAGE_SIZE}x{IMAGE_SIZE} images with "
+                     f"--preset {args.preset} (--convs-per-block {base.convs_per_block}, --padding {base.padding})")
     return args, space, base
 
 
@@ -186,7 +201,13 @@ def distributed_environment(environ: Mapping[str, str]) -> dict:
     """KERASTUNER_* variables derived from Vertex AI's CLUSTER_SPEC (pool 0 chief oracle, pool 1 workers)."""
     if "KERASTUNER_ORACLE_IP" in environ or not environ.get("CLUSTER_SPEC"):
         return {}
-    spec = json.loads(environ["CLUSTER_SPEC"])
+    from trainer.distribute import check_cluster_shape
+
+    try:
+        spec = json.loads(environ["CLUSTER_SPEC"])
+    except ValueError as error:
+        raise TrainerError(f"CLUSTER_SPEC is not valid JSON ({error})") from None
+    check_cluster_shape(spec, "CLUSTER_SPEC")
     cluster, task = spec.get("cluster", {}), spec.get("task", {})
     chief = (cluster.get("workerpool0") or [None])[0]
     if not chief or not cluster.get("workerpool1"):
@@ -194,6 +215,34 @@ def distributed_environment(environ: Mapping[str, str]) -> dict:
     host, _, port = chief.rpartition(":")
     tuner_id = "chief" if task.get("type") == "workerpool0" else f"tuner{int(task.get('index', 0))}"
     return {"KERASTUNER_TUNER_ID": tuner_id, "KERASTUNER_ORACLE_IP": host, "KERASTUNER_ORACLE_PORT": port or "2222"}
+
+
+def wait_for_oracle(environ: Mapping[str, str], wait_seconds: float, log=print) -> None:
+    """A tuner worker's wait for the chief's oracle (KERASTUNER_ORACLE_IP:PORT) to accept connections, at most
+    `wait_seconds` (0: forever); KerasTuner's own client would wait silently with no limit."""
+    import socket
+    import time
+
+    host, port = environ.get("KERASTUNER_ORACLE_IP", ""), environ.get("KERASTUNER_ORACLE_PORT", "")
+    if not port.isdigit():
+        raise TrainerError(f"KERASTUNER_ORACLE_PORT {port!r} is not a port number")
+    what = f"the oracle at {host}:{port} (KERASTUNER_ORACLE_IP/PORT, run by the chief tuner)"
+    started = time.monotonic()
+    next_report = started + 10
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            return
+        except OSError:
+            pass
+        now = time.monotonic()
+        if wait_seconds and now - started >= wait_seconds:
+            raise TrainerError(f"{what} did not answer within {wait_seconds:g} s (--cluster-wait); check that the "
+                               "chief runs, or raise --cluster-wait")
+        if now >= next_report:
+            log(f"waiting for {what} ({now - started:.0f} s)", flush=True)
+            next_report = now + 30
+        time.sleep(0.5)
 
 
 def make_tuner(args, hypermodel, project_dir: str):
@@ -218,6 +267,33 @@ def make_tuner(args, hypermodel, project_dir: str):
     return Tuner(hypermodel, **common, **extra)
 
 
+# What only a trainer run writes at the top of its job dir (a search's own runs live in best/ and trials/).
+TRAINER_RUN_FILES = ("metrics.json", "model_summary.txt", "checkpoints", "model", "plots")
+
+
+def trainer_run_files(job_dir: str) -> List[str]:
+    """The trainer-run outputs at the top of `job_dir` (empty for a search's folder or a new one)."""
+    return [name + ("/" if os.path.isdir(os.path.join(job_dir, name)) else "") for name in TRAINER_RUN_FILES
+            if os.path.lexists(os.path.join(job_dir, name))]
+
+
+def check_project_files(job_dir_flag: str, project_dir: str) -> None:
+    """The KerasTuner files a resumed search reloads (oracle.json, each trial's trial.json) are whole JSON
+    objects: a file cut short (a disk that filled, a copy interrupted) is named here, before TensorFlow loads."""
+    import glob
+
+    for path in [os.path.join(project_dir, "oracle.json"),
+                 *sorted(glob.glob(os.path.join(project_dir, "trial_*", "trial.json")))]:
+        try:
+            with open(path, "rb") as handle:
+                valid = isinstance(json.loads(handle.read().decode("utf-8")), dict)
+        except (OSError, ValueError):
+            valid = False
+        if not valid:
+            raise TrainerError(f"--job-dir {job_dir_flag}: {path} is damaged (not a whole JSON object), so the "
+                               "search cannot be resumed; --overwrite starts it over, or choose another --job-dir")
+
+
 def check_job_dir(args, settings: dict, job_dir: str) -> None:
     """The chief's look at --job-dir before anything heavy is imported: an existing search is reused only
     with --resume and the same settings (else nothing there changes), or deleted with --overwrite."""
@@ -225,11 +301,16 @@ def check_job_dir(args, settings: dict, job_dir: str) -> None:
 
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
     settings_path = os.path.join(job_dir, SETTINGS_FILE)
+    found = trainer_run_files(job_dir)
+    if found:
+        raise TrainerError(f"--job-dir {args.job_dir}: holds a trainer run ({', '.join(found)}), not a search; "
+                           "a search needs a folder of its own: choose another --job-dir (nothing there was changed)")
     exists = os.path.exists(os.path.join(project_dir, "oracle.json"))
     if exists and not (args.resume or args.overwrite):
         raise TrainerError(f"--job-dir {args.job_dir}: a search already exists there ({project_dir}); pass "
                            "--resume to continue it, --overwrite to start over, or choose another --job-dir")
     if exists and args.resume:
+        check_project_files(args.job_dir, project_dir)
         try:
             with open(settings_path) as handle:
                 saved = json.load(handle)
@@ -318,7 +399,12 @@ def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int
         raise TrainerError("--tuner bayesian needs scipy and scikit-learn: pip install 'mnist-trainer[bayesian]'")
     job_dir = os.path.abspath(args.job_dir)
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
-    os.makedirs(job_dir, exist_ok=True)
+    try:
+        os.makedirs(job_dir, exist_ok=True)
+    except OSError as error:
+        raise TrainerError(f"--job-dir {args.job_dir}: cannot make the folder ({error.strerror})") from None
+    if distributed and not is_chief:
+        wait_for_oracle(environ, args.cluster_wait)
     lock = None
     if is_chief:  # one search per job dir: the job dir is checked (and --overwrite applied) under the lock
         from trainer import joblock
@@ -375,12 +461,29 @@ def retrain_argv(base, best_path: str, job_dir: str, epochs: Optional[int]) -> L
             "--job-dir", os.path.join(job_dir, "best"), "--no-resume"]
 
 
+def _job_dir_given(argv: Optional[Sequence[str]]) -> Optional[str]:
+    """--job-dir's value as written on the command line (for where an unexpected fault's traceback goes)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for index, token in enumerate(argv):
+        if token == "--job-dir" and index + 1 < len(argv):
+            return argv[index + 1]
+        if token.startswith("--job-dir="):
+            return token.split("=", 1)[1]
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from trainer.errors import guard_stdout, unexpected_line
+
+    guard_stdout()
     try:
         return run(argv, os.environ)
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        print(unexpected_line(error, _job_dir_given(argv), "tuning"), file=sys.stderr)
         return 1
     except Interrupted as stop:
         print(f"search stopped by {'SIGTERM' if stop.exit_code == 143 else 'interrupt'}; continue it with the same "

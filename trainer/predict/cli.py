@@ -99,6 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        from trainer.errors import unexpected_line
+
+        print(unexpected_line(error, None, "predict"), file=sys.stderr)
+        return 1
     for result in results:
         if result.error:
             print(f"error: {result.error}", file=sys.stderr, flush=True)
