@@ -203,24 +203,28 @@ def _json_kind(value) -> str:
     return kinds.get(type(value), "a number")
 
 
+def _read_json_file(local: str, name: str, shown: str):
+    """The JSON value of the model folder's file `name`, or a one-line fault naming what is wrong with it."""
+    try:
+        with open(os.path.join(local, name), encoding="utf-8") as handle:
+            return json.load(handle)
+    except IsADirectoryError:
+        raise fault(shown, f"{name} is a folder, not a file") from None
+    except UnicodeDecodeError:
+        raise fault(shown, f"{name} is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        raise fault(shown, f"{name} is not valid JSON ({error.msg} at line {error.lineno} "
+                            f"column {error.colno})") from None
+    except OSError as error:
+        raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+
+
 def read_class_names(local: str, shown: str) -> List[str]:
     """The names in class_names.json: a JSON list of NUM_CLASSES strings. A model folder without the file
     (copied without it, or exported before it existed) is a digit model: its names are the digits."""
-    path = os.path.join(local, CLASS_NAMES_FILE)
-    if not os.path.lexists(path):
+    if not os.path.lexists(os.path.join(local, CLASS_NAMES_FILE)):
         return [str(digit) for digit in range(NUM_CLASSES)]
-    try:
-        with open(path, encoding="utf-8") as handle:
-            names = json.load(handle)
-    except IsADirectoryError:
-        raise fault(shown, f"{CLASS_NAMES_FILE} is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise fault(shown, f"{CLASS_NAMES_FILE} is not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise fault(shown, f"{CLASS_NAMES_FILE} is not valid JSON ({error.msg} at line {error.lineno} "
-                            f"column {error.colno})") from None
-    except OSError as error:
-        raise fault(shown, f"cannot read {CLASS_NAMES_FILE} ({error.strerror or type(error).__name__})") from None
+    names = _read_json_file(local, CLASS_NAMES_FILE, shown)
     wanted = f"not a list of {NUM_CLASSES} names"
     if not isinstance(names, list):
         raise fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
@@ -258,22 +262,10 @@ def write_training_images(folder: str, description: dict) -> None:
 def read_training_images(local: str, shown: str) -> Optional[TrainingImages]:
     """training_images.json checked, or None when the folder has none (a model exported before the file
     existed: its images are taken as MNIST's digits)."""
-    path = os.path.join(local, TRAINING_IMAGES_FILE)
     name = TRAINING_IMAGES_FILE
-    if not os.path.lexists(path):
+    if not os.path.lexists(os.path.join(local, name)):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            described = json.load(handle)
-    except IsADirectoryError:
-        raise fault(shown, f"{name} is a folder, not a file") from None
-    except UnicodeDecodeError:
-        raise fault(shown, f"{name} is not UTF-8 text") from None
-    except json.JSONDecodeError as error:
-        raise fault(shown, f"{name} is not valid JSON ({error.msg} at line {error.lineno} "
-                            f"column {error.colno})") from None
-    except OSError as error:
-        raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
+    described = _read_json_file(local, name, shown)
     if not isinstance(described, dict):
         raise fault(shown, f"{name} holds {_json_kind(described)}, not an object")
     version = described.get("version")
