@@ -49,6 +49,23 @@ def start_runner(args, log_path, cwd):
                             stdout=handle, stderr=subprocess.STDOUT)
 
 
+def sigterm_runner(args, cwd, after_lines):
+    """Start the runner, wait for each of `after_lines` in its log, SIGTERM it; assert it exits 143 within
+    Vertex AI's 30 s and return its output."""
+    log = str(cwd / "runner.log")
+    runner = start_runner(args, log, cwd)
+    try:
+        for line in after_lines:
+            wait_for_line(log, line, runner)
+        runner.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert runner.wait(timeout=60) == 143, open(log).read()[-3000:]
+    finally:
+        runner.kill()
+    assert time.monotonic() - signalled < 30
+    return open(log).read()
+
+
 def run_runner(args, cwd, timeout=300):
     return subprocess.run([sys.executable, "-m", "deploy.vertex", *args], cwd=cwd, env=trainer_env(),
                           capture_output=True, text=True, timeout=timeout)
@@ -305,17 +322,7 @@ def test_a_replica_failing_at_run_time_fails_the_job_with_its_error_and_stops_th
 def test_sigterm_to_the_runner_stops_every_replica_143_and_the_same_command_resumes(bucket, digits_idx, tmp_path):
     args = [*COMMON, "--target", "cpu", "--job-dir", "gs://local-jobs/preempted", "--local", "--", "--dataset",
             f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "2000", "--epochs", "2", "--batch-size", "16"]
-    log = str(tmp_path / "runner.log")
-    runner = start_runner(args, log, tmp_path)
-    try:
-        wait_for_line(log, "[workerpool0-0] epoch 1/2", runner)
-        runner.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert runner.wait(timeout=60) == 143, open(log).read()[-3000:]
-    finally:
-        runner.kill()
-    assert time.monotonic() - signalled < 30
-    output = open(log).read()
+    output = sigterm_runner(args, tmp_path, ["[workerpool0-0] epoch 1/2"])
     assert "SIGTERM received; forwarding SIGTERM, as Vertex AI does before a preemption" in output
     assert "[workerpool0-0] stopped by SIGTERM" in output
     assert_gone(replica_pids(output))
@@ -335,18 +342,7 @@ def test_sigterm_to_a_multi_worker_runner_stops_both_replicas_at_one_step_and_th
     args = [*COMMON, "--target", "multi-worker", "--workers", "1", "--job-dir", "gs://local-jobs/mw-preempted",
             "--local", "--", "--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "3000",
             "--epochs", "2", "--batch-size", "32", "--intra-op-threads", "1"]
-    log = str(tmp_path / "runner.log")
-    runner = start_runner(args, log, tmp_path)
-    try:
-        wait_for_line(log, "[workerpool1-0] epoch 1/2", runner)
-        wait_for_line(log, "[workerpool0-0] epoch 1/2", runner)
-        runner.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert runner.wait(timeout=60) == 143, open(log).read()[-3000:]
-    finally:
-        runner.kill()
-    assert time.monotonic() - signalled < 30
-    output = open(log).read()
+    output = sigterm_runner(args, tmp_path, ["[workerpool1-0] epoch 1/2", "[workerpool0-0] epoch 1/2"])
     stops = dict(re.findall(r"^\[(workerpool\d-0)\] stopped by SIGTERM at epoch 2, step (\d+)/84;", output, re.M))
     assert sorted(stops) == ["workerpool0-0", "workerpool1-0"] and len(set(stops.values())) == 1, output[-3000:]
     closing = output.strip().splitlines()[-1]
