@@ -2,7 +2,8 @@
 number of classes. Data checks its files against it, the model takes it as input, the export serves it.
 
 `describe_images` reads from a training set how its images are made (the export records it beside the
-model, so that predict can bring other images to the same form).
+model, so that predict can bring other images to the same form). `to_model_pixels` is the one resize both the
+folder reader (training images of any size) and predict (any image) use, so the two make the same pixels.
 """
 
 from __future__ import annotations
@@ -60,3 +61,21 @@ def describe_images(images: np.ndarray) -> dict:
         box_offset=round(box_offset, 3),
         examples_described=int(count),
     )
+
+
+def to_model_pixels(rgb: np.ndarray, height: int, width: int, channels: int) -> np.ndarray:
+    """An opaque image, float or uint8 [H, W, 3] in 0..255 (`trainer.predict.reading.image_to_rgb` makes one
+    from any decoded file) -> the model's uint8 input: [height, width] when `channels` is 1 (luminance,
+    ITU-R 601: 0.299 R + 0.587 G + 0.114 B), else [height, width, 3]. Resized with Pillow's bilinear filter,
+    which averages over the whole source area when it shrinks (no aliasing), the aspect ratio not kept."""
+    from PIL import Image
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    pixels = np.clip(np.rint(np.asarray(rgb, dtype=np.float32)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    if channels == 1:
+        image = image.convert("L")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
