@@ -176,6 +176,55 @@ def test_gs_job_dir_lock_one_holder_stale_takeover_and_replica_restart(gcs, buck
     joblock.acquire("gs://mnist-runs/locked", environ=vertex).release()
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint-dir", "--log-dir", "--model-dir"])
+def test_a_gs_folder_another_run_writes_is_refused_through_another_job_dir(flag, gcs, bucket, digits_idx):
+    """A gs:// checkpoint, log or model folder outside the job dir has its own lock object beside it: the other
+    run's hold is taken with that very lock in this process (pid alive on this host, heartbeat fresh)."""
+    from trainer import joblock
+
+    shared = f"gs://mnist-runs/shared{flag.replace('-', '_')}"
+    held = joblock.acquire_gcs_folder(shared, flag)
+    try:
+        assert bucket.blob(f".shared{flag.replace('-', '_')}.lock").exists(), "the lock sits beside the folder"
+        code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                                   "--epochs", "1", "--job-dir", "gs://mnist-runs/second", flag, shared])
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert f"{flag} {shared}: another run is writing there (pid {os.getpid()} on " in err
+        assert "epoch 1/1" not in out
+        assert names(bucket, "second/") == [] and names(bucket, shared[len("gs://mnist-runs/"):] + "/") == []
+    finally:
+        held.release()
+
+
+def test_gs_folders_outside_the_job_dir_are_locked_during_the_run_and_freed_after(gcs, bucket, digits_idx,
+                                                                                   tmp_path, monkeypatch):
+    """A run with a local job dir and gs:// checkpoint, log and model folders: while it trains each folder's lock
+    object exists (seen from a callback of the first epoch); the checkpoint sync, which deletes what the
+    run did not write, leaves locks alone; at the end no lock object is left."""
+    from trainer import storage
+
+    def locks():
+        return sorted(name for name in names(bucket, "") if name.endswith(".lock") and
+                      name.split("/")[0] in ("ck", "tb", "models"))
+
+    seen = []
+    original = storage.sync_up
+
+    def sync_and_look(local_dir, url, *args, **kwargs):
+        original(local_dir, url, *args, **kwargs)
+        seen.append(locks())
+
+    monkeypatch.setattr(storage, "sync_up", sync_and_look)
+    code, _, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                             "--epochs", "1", "--job-dir", str(tmp_path / "job"),
+                             "--checkpoint-dir", "gs://mnist-runs/ck/run", "--log-dir", "gs://mnist-runs/tb/run",
+                             "--model-dir", "gs://mnist-runs/models/run"])
+    assert code == 0, err
+    assert seen and all(during == ["ck/.run.lock", "models/.run.lock", "tb/.run.lock"] for during in seen), seen
+    assert locks() == []
+    assert "checkpoint" in names(bucket, "ck/run/") and "saved_model.pb" in names(bucket, "models/run/")
+
+
 def test_idx_cache_follows_the_bucket_changed_and_deleted_objects(gcs, bucket, digits_idx, tmp_path, monkeypatch):
     from trainer import data, storage
     from trainer.errors import TrainerError

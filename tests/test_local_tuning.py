@@ -233,6 +233,32 @@ def test_keras_tuner_search_runs_as_one_local_job_chief_and_two_workers_share_th
     assert time.monotonic() - started < 180
 
 
+def test_a_distributed_search_resumed_with_more_trials_runs_only_the_new_ones(digits_idx, tmp_path):
+    """chief oracle + 1 tuner worker, 2 trials; then --resume --max-trials 3 runs trial 3 alone: the finished
+    trials are neither trained again nor reported again, and the final table keeps their figures."""
+    def tune(*extra):
+        return main_in_fresh_interpreter("deploy.vertex", [
+            "tune", "--service", "keras-tuner", "--workers", "1", *COMMON, "--job-dir", "gs://kts/resumed", "--local",
+            "--local-gcs-root", str(tmp_path / "fuse"), "--stop-grace", "10", "--", "--dataset", f"idx:{digits_idx}",
+            "--train-limit", "1000", "--preset", "seed", "--epochs", "1", *extra], cwd=str(tmp_path))
+
+    first = tune("--max-trials", "2")
+    assert first["code"] == 0, first["out"][-3000:] + first["err"][-3000:]
+    results_path = tmp_path / "fuse" / "kts" / "resumed" / "search" / "search_results.json"
+    before = {row["trial_id"]: row for row in json.loads(results_path.read_text())["trials"]}
+    assert sorted(before) == [1, 2]
+
+    second = tune("--max-trials", "3", "--resume")
+    output = second["out"]
+    assert second["code"] == 0, output[-3000:] + second["err"][-3000:]
+    assert len(re.findall(r"^\[workerpool1-0\] epoch 1/1 ", output, re.M)) == 1, output[-3000:]
+    assert re.findall(r"Running Trial #(\d+)", output) == ["3"], output[-3000:]
+    assert re.findall(r"Trial (\d+) Complete", output) == ["3"], output[-3000:]
+    after = {row["trial_id"]: row for row in json.loads(results_path.read_text())["trials"]}
+    assert sorted(after) == [1, 2, 3] and {row["status"] for row in after.values()} == {"COMPLETED"}
+    assert all(after[trial] == before[trial] for trial in (1, 2)), (before, after)
+
+
 def test_vertex_tuning_service_runs_three_trials_two_at_a_time(bucket, digits_idx, tmp_path):
     from google.cloud.aiplatform_v1 import HyperparameterTuningJob
 

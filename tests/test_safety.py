@@ -97,9 +97,12 @@ def test_a_diverging_run_exits_1_and_never_replaces_a_good_model(seed_run, digit
 
 @pytest.mark.slow
 def test_one_writer_per_job_dir_and_a_killed_holder_frees_it(digits_idx, tmp_path):
+    """The holder is given far more epochs than the test lasts, so it still holds the job dir however fast or
+    loaded the machine is; after its kill a one-epoch fresh run takes the job dir."""
     job_dir = str(tmp_path / "job")
-    args = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "1500", "--batch-size", "16",
-            "--epochs", "2", "--job-dir", job_dir]
+    data = ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "1500", "--batch-size", "16",
+            "--job-dir", job_dir]
+    args = [*data, "--epochs", "200"]
     holder = start_cli(args, str(tmp_path / "holder.log"))
     try:
         wait_for_line(str(tmp_path / "holder.log"), "dataset ", holder)
@@ -112,7 +115,8 @@ def test_one_writer_per_job_dir_and_a_killed_holder_frees_it(digits_idx, tmp_pat
     finally:
         if holder.poll() is None:
             holder.kill()
-    code, out, err = run_task(args)  # the kernel dropped the dead holder's lock: this run proceeds
+    assert holder.returncode == -signal.SIGKILL, "the holder was still training when it was killed"
+    code, out, err = run_task([*data, "--epochs", "1", "--no-resume"])  # the kernel dropped the dead holder's lock
     assert code == 0, err
     assert not os.path.exists(os.path.join(job_dir, ".lock")), "the lock file is removed at the end"
 

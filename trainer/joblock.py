@@ -127,13 +127,15 @@ def _parse(text) -> dict:
 
 
 class GcsLock:
-    """A `.lock` object created with `if_generation_match=0`, refreshed by a heartbeat thread."""
+    """A `.lock` object created with `if_generation_match=0`, refreshed by a heartbeat thread: JOB_DIR/.lock,
+    or the object `lock_url` names (the lock of another output folder, see `acquire_gcs_folder`)."""
 
-    def __init__(self, job_dir: str, flag: str, environ: Mapping[str, str]):
+    def __init__(self, job_dir: str, flag: str, environ: Mapping[str, str], lock_url: Optional[str] = None):
         from google.api_core import exceptions
 
-        bucket_name, prefix = storage.split_url(job_dir)
-        self.blob = storage.client().bucket(bucket_name).blob(f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME)
+        bucket_name, prefix = storage.split_url(lock_url or job_dir)
+        name = prefix if lock_url else (f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME)
+        self.blob = storage.client().bucket(bucket_name).blob(name)
         self.owner = _owner(environ)
         self.generation = 0
         try:
@@ -214,6 +216,24 @@ def acquire(job_dir: str, flag: str = "--job-dir", environ: Optional[Mapping[str
     if storage.is_gcs(job_dir):
         return GcsLock(job_dir, flag, environ)
     return LocalLock(job_dir, flag, environ)
+
+
+def gcs_sibling_lock_url(url: str) -> str:
+    """The lock object of a gs:// output folder other than the job dir: `.NAME.lock` beside the folder, where
+    neither the folder's own sync (which deletes objects it did not write) nor a model's replacement touches
+    it; a bucket's root folder has `.lock` in it (syncs leave lock names alone)."""
+    bucket_name, prefix = storage.split_url(url)
+    if not prefix:
+        return f"gs://{bucket_name}/{LOCK_NAME}"
+    parent, _, base = prefix.rpartition("/")
+    return f"gs://{bucket_name}/{parent + '/' if parent else ''}.{base}{LOCK_NAME}"
+
+
+def acquire_gcs_folder(url: str, flag: str, environ: Optional[Mapping[str, str]] = None) -> GcsLock:
+    """Lock one more gs:// output folder of a run (checkpoint, log or model folder outside its job dir), so that a
+    second run writing there through another --job-dir is refused (the lock object sits beside the folder)."""
+    environ = os.environ if environ is None else environ
+    return GcsLock(url, flag, environ, lock_url=gcs_sibling_lock_url(url))
 
 
 def sibling_lock_path(folder: str) -> str:

@@ -32,7 +32,7 @@ class Outputs:
     remote: Dict[str, str] = dataclasses.field(default_factory=dict)  # name -> gs:// URL (chief only)
     scratch: str = ""  # this process's temporary folder ("" when it writes straight to its outputs)
     lock: Optional[joblock.Lock] = None  # the chief's hold on the job dir
-    folder_locks: List[joblock.LocalLock] = dataclasses.field(default_factory=list)  # its other local outputs
+    folder_locks: List[joblock.Lock] = dataclasses.field(default_factory=list)  # its other output folders
     created: List[str] = dataclasses.field(default_factory=list)  # local folders this run made, outermost first
 
     @property
@@ -152,14 +152,15 @@ def _check_chief_outputs(config: Config) -> None:
         model_folder.remove_export_debris(config.model_dir)
 
 
-def _lock_local_folders(config: Config, local: Dict[str, str], held: List[joblock.LocalLock],
+def _lock_local_folders(config: Config, local: Dict[str, str], held: List[joblock.Lock],
                         model: bool) -> None:
     """Lock the chief's local checkpoint and log folders (or, `model`, the model folder, from beside it),
     each once, so that a run with another --job-dir but one of these folders is refused."""
     def key(path: str) -> str:
         return os.path.realpath(path)
 
-    taken = {key(lock.path) for lock in held} | {key(os.path.join(config.job_dir, joblock.LOCK_NAME))}
+    taken = {key(lock.path) for lock in held if isinstance(lock, joblock.LocalLock)}
+    taken.add(key(os.path.join(config.job_dir, joblock.LOCK_NAME)))
     names = ("model_dir",) if model else ("checkpoint_dir", "log_dir")
     for name in names:
         path = getattr(config, name)
@@ -170,6 +171,23 @@ def _lock_local_folders(config: Config, local: Dict[str, str], held: List[jobloc
             continue
         held.append(joblock.acquire_local_folder(path, f"--{name.replace('_', '-')}", beside=model))
         taken.add(key(lock_path))
+
+
+def _lock_gcs_folders(config: Config, held: List[joblock.Lock]) -> None:
+    """Lock the chief's gs:// checkpoint, log and model folders that lie outside a gs:// job dir (the job dir's
+    lock covers those inside it), each with an object beside it, so that a run with another --job-dir but one
+    of these folders is refused."""
+    job_dir = config.job_dir.rstrip("/")
+    inside = storage.is_gcs(job_dir)
+    taken = set()
+    for name in ("checkpoint_dir", "log_dir", "model_dir"):
+        url = getattr(config, name).rstrip("/")
+        if not storage.is_gcs(url) or (inside and (url == job_dir or url.startswith(job_dir + "/"))):
+            continue
+        lock_url = joblock.gcs_sibling_lock_url(url)
+        if lock_url not in taken:
+            held.append(joblock.acquire_gcs_folder(url, f"--{name.replace('_', '-')}"))
+            taken.add(lock_url)
 
 
 def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> Outputs:
@@ -192,7 +210,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
         else:
             local[name] = path
     lock: Optional[joblock.Lock] = None
-    folder_locks: List[joblock.LocalLock] = []
+    folder_locks: List[joblock.Lock] = []
     created: List[str] = []
     try:
         for url in dict.fromkeys(remote.values()):
@@ -203,6 +221,7 @@ def prepare_outputs(config: Config, is_chief: bool = True, task_id: int = 0) -> 
         if is_chief:
             lock = joblock.acquire(config.job_dir)
             _lock_local_folders(config, local, folder_locks, model=False)
+            _lock_gcs_folders(config, folder_locks)
             _check_chief_outputs(config)
         _make_dir(os.path.dirname(os.path.abspath(local["model_dir"])), "model-dir",
                   None if scratch and local["model_dir"].startswith(scratch) else created)

@@ -200,6 +200,12 @@ def list_objects(url: str) -> dict:
     return {blob.name[len(folder):]: blob for blob in blobs if not blob.name.endswith("/")}
 
 
+def is_lock_name(name: str) -> bool:
+    """A lock object's name (trainer.joblock's `.lock` and `.NAME.lock`), by its last part."""
+    base = name.rsplit("/", 1)[-1]
+    return base == ".lock" or (base.startswith(".") and base.endswith(".lock"))
+
+
 def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = ()) -> None:
     """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions."""
     remote = list_objects(url)
@@ -209,8 +215,8 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
         blob = remote.get(name)
         if blob is None or blob.size != os.path.getsize(path) or blob.crc32c != _crc32c(path):
             upload_file(path, f"{url.rstrip('/')}/{name}")
-    if mirror_deletions:
-        for name in set(remote) - set(local):
+    if mirror_deletions:  # a run's locks (the job dir's .lock, a folder's .NAME.lock) are not the sync's to delete
+        for name in {name for name in remote if not is_lock_name(name)} - set(local):
             call(functools.partial(remote[name].delete, retry=None, timeout=TIMEOUT),
                  f"deleting {url.rstrip('/')}/{name}")
 

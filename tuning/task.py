@@ -248,6 +248,7 @@ def wait_for_oracle(environ: Mapping[str, str], wait_seconds: float, log=print) 
 def make_tuner(args, hypermodel, project_dir: str):
     import keras_tuner as kt
 
+    ended = (kt.engine.trial.TrialStatus.COMPLETED, kt.engine.trial.TrialStatus.FAILED)
     common = dict(objective=kt.Objective("val_accuracy", direction="max"), seed=args.seed,
                   directory=os.path.dirname(project_dir), project_name=os.path.basename(project_dir),
                   overwrite=False)  # --overwrite empties the folder first: KerasTuner's own would race workers
@@ -262,7 +263,16 @@ def make_tuner(args, hypermodel, project_dir: str):
     def run_trial(self, trial, *fit_args, **fit_kwargs):  # trial folders are named by id
         return base.run_trial(self, trial, *fit_args, trial_id=trial.trial_id, **fit_kwargs)
 
-    Tuner = type("Tuner", (base,), {"run_trial": run_trial})
+    def reload(self):
+        """KerasTuner's oracle saves oracle.json before it takes an ended trial off its list of running ones, and a
+        distributed search's chief saves nothing after that: its oracle.json names the last trial as still
+        running, and a reload queues it to run again. Trials that ended (trial.json says so) are not rerun."""
+        base.reload(self)
+        queue = getattr(self.oracle, "_retry_queue", None)
+        if queue:
+            queue[:] = [trial_id for trial_id in queue if self.oracle.trials[trial_id].status not in ended]
+
+    Tuner = type("Tuner", (base,), {"run_trial": run_trial, "reload": reload})
 
     return Tuner(hypermodel, **common, **extra)
 
