@@ -47,6 +47,27 @@ def test_the_train_function_lowers_the_loss(tiny):
     assert correct >= 0.8 * config.batch_size
 
 
+def test_label_smoothing_trains_towards_the_smoothed_targets(tiny):
+    """The smoothed cross-entropy of the trainer's step, checked against its definition on a fresh model:
+    -sum((1 - S) * onehot + S / K) * log(p)), and 0 smoothing is the plain sparse cross-entropy."""
+    import tensorflow as tf
+
+    from trainer import steps
+
+    config, _, _, iterator = tiny
+    images, labels = next(iterator)
+    for smoothing in (0.0, 0.1):
+        state = steps.build_state(config, tf.distribute.get_strategy(), "float32", steps_per_epoch=10)
+        probabilities = state.model(images, training=False).numpy()  # dropout is 0: the same as in training
+        targets = np.eye(10)[labels.numpy()] * (1 - smoothing) + smoothing / 10
+        expected = float(-(targets * np.log(np.clip(probabilities, 1e-7, 1))).sum())
+        train_steps = steps.make_train_function(tf.distribute.get_strategy(), state.model, state.optimizer,
+                                                config.batch_size, label_smoothing=smoothing)
+        batches = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+        loss_sum = float(train_steps(batches, tf.constant(1))[0])
+        assert abs(loss_sum - expected) < 1e-3 * expected, (smoothing, loss_sum, expected)
+
+
 def test_run_epoch_stops_after_the_call_in_which_the_signal_came(tiny):
     from trainer import steps
     from trainer.observers import Observer, Observers

@@ -121,6 +121,27 @@ def test_augmentation_shifts_each_example_by_at_most_two_pixels_reproducibly():
     assert flipped.shape == (8, 28, 28, 1) and 0 < flipped.mean() < 1, "compiles under XLA, static shapes"
 
 
+def test_random_erasing_covers_a_rectangle_of_noise_in_about_half_the_examples_reproducibly():
+    import tensorflow as tf
+
+    from trainer.augment import ERASE_AREA, batch_seed, random_erase
+
+    images = tf.zeros([512, 28, 28, 1])
+    erased = random_erase(images, batch_seed(42, 3, 7)).numpy()
+    assert np.array_equal(erased, random_erase(images, batch_seed(42, 3, 7)).numpy()), "stateless: same seed, same"
+    assert not np.array_equal(erased, random_erase(images, batch_seed(42, 3, 8)).numpy())
+    touched = erased.reshape(512, 28, 28) != 0
+    hit = touched.any(axis=(1, 2))
+    assert 0.4 < hit.mean() < 0.6
+    for mask in touched[hit][:50]:
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = mask[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.mean() > 0.97, "one solid rectangle (noise may draw an exact 0 only rarely)"
+        assert box.size <= ERASE_AREA[1] * 28 * 28 * 1.35, box.shape
+    compiled = tf.function(lambda x, s: random_erase(x, s), jit_compile=True)
+    assert compiled(tf.ones([8, 28, 28, 1]), batch_seed(1, 0, 0)).shape == (8, 28, 28, 1), "XLA, static shapes"
+
+
 def test_augmentation_never_runs_at_inference(digits):
     from trainer.config import Config
     from trainer.data import eval_dataset

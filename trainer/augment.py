@@ -40,3 +40,37 @@ def shift_and_flip(images, seed, flip: bool = False, max_shift: int = MAX_SHIFT)
         mirror = tf.random.stateless_uniform([batch], seed=seed[::-1], dtype=tf.float32, alg="philox") < 0.5
         shifted = tf.where(mirror[:, tf.newaxis, tf.newaxis, tf.newaxis], tf.reverse(shifted, axis=[2]), shifted)
     return shifted
+
+
+ERASE_PROBABILITY = 0.5
+ERASE_AREA = (0.02, 0.25)  # fraction of the image a rectangle covers
+ERASE_ASPECT = (0.3, 3.3)  # its height over its width
+
+
+def random_erase(images, seed):
+    """images float [B, H, W, C] in [0, 1] (static shape) -> each example, with probability ERASE_PROBABILITY,
+    has one rectangle of its own (area and aspect drawn from ERASE_AREA and ERASE_ASPECT, anywhere in the
+    frame) replaced by uniform noise: the network must not rely on any one part of an object. `seed` is a
+    [2] integer tensor; the draws are stateless, as the shifts are."""
+    import math
+
+    import tensorflow as tf
+
+    batch, height, width, channels = images.shape
+    draws = tf.random.stateless_uniform([batch, 5], seed=tf.random.experimental.stateless_fold_in(seed, 1),
+                                        dtype=tf.float32)
+    area = float(height * width) * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * draws[:, 0])
+    aspect = tf.exp(math.log(ERASE_ASPECT[0]) + (math.log(ERASE_ASPECT[1]) - math.log(ERASE_ASPECT[0])) * draws[:, 1])
+    box_h = tf.clip_by_value(tf.round(tf.sqrt(area * aspect)), 1.0, float(height))
+    box_w = tf.clip_by_value(tf.round(tf.sqrt(area / aspect)), 1.0, float(width))
+    top = tf.floor(draws[:, 2] * (float(height) - box_h + 1.0))
+    left = tf.floor(draws[:, 3] * (float(width) - box_w + 1.0))
+    erase = draws[:, 4] < ERASE_PROBABILITY
+    rows = tf.range(height, dtype=tf.float32)[tf.newaxis]  # [1, H]
+    cols = tf.range(width, dtype=tf.float32)[tf.newaxis]
+    in_rows = (rows >= top[:, tf.newaxis]) & (rows < (top + box_h)[:, tf.newaxis])  # [B, H]
+    in_cols = (cols >= left[:, tf.newaxis]) & (cols < (left + box_w)[:, tf.newaxis])  # [B, W]
+    mask = in_rows[:, :, tf.newaxis] & in_cols[:, tf.newaxis, :] & erase[:, tf.newaxis, tf.newaxis]  # [B, H, W]
+    noise = tf.random.stateless_uniform([batch, height, width, channels],
+                                        seed=tf.random.experimental.stateless_fold_in(seed, 2), dtype=images.dtype)
+    return tf.where(mask[..., tf.newaxis], noise, images)

@@ -75,6 +75,7 @@ RECIPE: Dict[str, Tuple[Callable[[str], Any], Any, Any]] = {
     "warmup_epochs":   (float,              0.0,         0.0),
     "augment":         (str,                "none",      "shift"),
     "unaugmented_epochs": (int,             0,           2),
+    "label_smoothing": (float,              0.0,         0.0),
 }
 SEED_RECIPE: Dict[str, Any] = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE: Dict[str, Any] = {key: default for key, (_, _, default) in RECIPE.items()}
@@ -91,7 +92,7 @@ HPARAM_KEYS = {key: parse for key, (parse, _, _) in RECIPE.items()}
 RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed") + tuple(
     key for key in RECIPE if key != "epochs")
 LR_SCHEDULES = ("constant", "cosine")
-AUGMENTATIONS = ("none", "shift", "shift-flip")
+AUGMENTATIONS = ("none", "shift", "shift-flip", "shift-erase")
 PADDINGS = ("valid", "same")
 
 _TFDS_NAME = re.compile(r"^[a-z][a-z0-9_]*(/[a-z0-9_]+)?(:[0-9.*]+)?$")
@@ -152,6 +153,7 @@ class Config:
     warmup_epochs: float = FROM_PRESET
     augment: str = FROM_PRESET
     unaugmented_epochs: int = FROM_PRESET
+    label_smoothing: float = FROM_PRESET
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -249,6 +251,8 @@ def validate(config: Config) -> None:
     require(config.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}")
     require(0 <= config.unaugmented_epochs <= MAX_EPOCHS,
             f"--unaugmented-epochs must be in [0, {MAX_EPOCHS:,}], got {config.unaugmented_epochs}")
+    require(0.0 <= config.label_smoothing < 1.0 and math.isfinite(config.label_smoothing),
+            f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     require(0.0 < config.validation_fraction < 1.0,
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
@@ -463,6 +467,8 @@ def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
                 "fine for clothing, wrong for digits)", choices=AUGMENTATIONS)
     recipe_flag("--unaugmented-epochs", "the first N epochs train on the images as they are; --augment applies from "
                 "epoch N+1 on (plain images are learnt faster, augmented ones generalise better)", type=int)
+    recipe_flag("--label-smoothing", "train towards 1 - S on the true class and S/K spread over all K classes "
+                "(0: the plain cross-entropy)", type=float)
     model.add_argument("--seed", type=int, default=42, help="seeds weights, shuffling, dropout and the split")
 
     out = parser.add_argument_group("outputs (local paths or gs://; AIP_* variables are the defaults on Vertex AI)")

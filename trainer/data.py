@@ -332,10 +332,12 @@ def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoc
     def gather(index, number):
         batch_images, batch_labels = _decode(tf.gather(images, index), tf.gather(labels, index))
         if augment != "none":
-            from trainer.augment import batch_seed, shift_and_flip
+            from trainer.augment import batch_seed, random_erase, shift_and_flip
 
             batch_images = shift_and_flip(tf.ensure_shape(batch_images, [batch, IMAGE_SIZE, IMAGE_SIZE, 1]),
                                           batch_seed(seed, epoch, number), flip=augment == "shift-flip")
+            if augment == "shift-erase":
+                batch_images = random_erase(batch_images, batch_seed(seed, epoch, number))
         return batch_images, batch_labels
 
     dataset = tf.data.Dataset.from_tensor_slices((order.astype(np.int32), batch_numbers.astype(np.int64)))

@@ -166,16 +166,24 @@ class StatisticsStash:
         self.held.assign(0)
 
 
-def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_compile: Optional[bool] = None):
+def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_compile: Optional[bool] = None,
+                        label_smoothing: float = 0.0):
     """`train_steps(iterator, num_steps)` -> (sum of per-example losses, number correct) over the steps;
-    with `jit_compile` each replica's step is XLA-compiled."""
+    with `jit_compile` each replica's step is XLA-compiled; `label_smoothing` S > 0 trains towards
+    (1 - S) one-hot + S / K (the reported loss is then the smoothed one)."""
     import keras
     import tensorflow as tf
+
+    def per_example_loss(labels, probabilities):
+        if not label_smoothing:
+            return keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        targets = tf.one_hot(labels, probabilities.shape[-1], dtype=probabilities.dtype)
+        return keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=label_smoothing)
 
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
-            per_example = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+            per_example = per_example_loss(labels, probabilities)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
         gradients = tape.gradient(scaled_loss, model.trainable_variables)

@@ -152,7 +152,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
     initial_epoch, initial_step = checkpoints.position
     steps = checkpoints.steps_per_epoch
     train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer, config.batch_size,
-                                                jit_compile)
+                                                jit_compile, config.label_smoothing)
     sync_statistics = steps_lib.make_statistics_sync(resolved.strategy, state.model)
     train_tensors = data_lib.TrainTensors(*splits.train)
     trained: Dict[str, Any] = dict(seconds=0.0, examples=0, val_predictions=None)
