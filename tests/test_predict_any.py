@@ -375,16 +375,23 @@ def red_object(tmp_path):
     return save_image(tmp_path / "red_object.png", picture)
 
 
+MIXED = (", the shape and classes training_images.json records (is saved_model.pb from another export? Export "
+         "the model again)")
+
+
 @pytest.mark.parametrize("changes, expected", [
     (dict(height=36, width=36, object_side=36),
-     "saved_model.pb's serving_default takes image uint8 [?,32,32,3], but training_images.json describes "
-     "image uint8 [?,36,36,3]: are they from two different exports? Export the model again"),
+     "saved_model.pb is not a model exported by this trainer: its serving_default maps image uint8 [?,32,32,3] -> "
+     "classes int64 [?], probabilities float32 [?,10], not image uint8 [?,36,36,3] -> classes int64 [?], "
+     "probabilities float32 [?,10]" + MIXED),
     (dict(channels=1),
-     "saved_model.pb's serving_default takes image uint8 [?,32,32,3], but training_images.json describes "
-     "image uint8 [?,32,32]: are they from two different exports? Export the model again"),
+     "saved_model.pb is not a model exported by this trainer: its serving_default maps image uint8 [?,32,32,3] -> "
+     "classes int64 [?], probabilities float32 [?,10], not image uint8 [?,32,32] -> classes int64 [?], "
+     "probabilities float32 [?,10]" + MIXED),
     (dict(class_names=RESIZED),
-     "saved_model.pb's serving_default returns 10 probabilities, but the folder names 4 classes: are they "
-     "from two different exports? Export the model again"),
+     "saved_model.pb is not a model exported by this trainer: its serving_default maps image uint8 [?,32,32,3] -> "
+     "classes int64 [?], probabilities float32 [?,10], not image uint8 [?,32,32,3] -> classes int64 [?], "
+     "probabilities float32 [?,4]" + MIXED),
 ])
 def test_a_signature_that_disagrees_with_the_metadata_is_one_line(models, tmp_path, capfd, changes, expected):
     names = changes.get("class_names")

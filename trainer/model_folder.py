@@ -399,19 +399,14 @@ def _describe(tf, tensors) -> List[str]:
 
 
 _TRAINER_INPUT = re.compile(r"^image uint8 \[\?,\d+,\d+(,3)?\]$")
-_TRAINER_OUTPUT = re.compile(r"^probabilities float32 \[\?,(\d+)\]$")
+_TRAINER_OUTPUT = re.compile(r"^probabilities float32 \[\?,\d+\]$")
 
 
-def _mismatch(takes: List[str], returns: List[str], expected_takes: List[str], classes: int) -> Optional[str]:
-    """For a signature of the trainer's form (one uint8 image input; classes and probabilities out) that
-    disagrees with the folder's metadata: which part, naming both sides. None for any other signature."""
-    counts = [int(match.group(1)) for match in map(_TRAINER_OUTPUT.match, returns) if match]
-    if len(takes) != 1 or not _TRAINER_INPUT.match(takes[0]) or "classes int64 [?]" not in returns or not counts:
-        return None
-    if takes != expected_takes:
-        return (f"saved_model.pb's {SIGNATURE} takes {takes[0]}, but {TRAINING_IMAGES_FILE} describes "
-                f"{expected_takes[0]}")
-    return f"saved_model.pb's {SIGNATURE} returns {counts[0]} probabilities, but the folder names {classes} classes"
+def _trainer_form(takes: List[str], returns: List[str]) -> bool:
+    """Whether a signature has the trainer's form, whatever its sizes: one uint8 image in, classes and
+    probabilities out."""
+    return (len(takes) == 1 and bool(_TRAINER_INPUT.match(takes[0])) and "classes int64 [?]" in returns
+            and any(map(_TRAINER_OUTPUT.match, returns)))
 
 
 def check_signature(tf, saved_model, shown: str, training: Optional[TrainingImages] = None,
@@ -419,7 +414,7 @@ def check_signature(tf, saved_model, shown: str, training: Optional[TrainingImag
     """The trainer's serving signature, of the shape the folder's metadata gives: image uint8 [N,H,W] (grey) or
     [N,H,W,3] (colour) -> classes int64 [N], probabilities float32 [N,K], K = `classes` (its class names).
     Without training_images.json (or without its shape keys) [N,28,28] -> [N,10]. A signature of the trainer's
-    form that disagrees with metadata recording the shape and names is named as such (two exports mixed)."""
+    form that disagrees with metadata recording the shape and names is said to be another export's."""
     graphs = [graph for graph in saved_model.meta_graphs if "serve" in graph.meta_info_def.tags]
     signatures = (graphs or saved_model.meta_graphs)[0].signature_def
     foreign = "saved_model.pb is not a model exported by this trainer"
@@ -431,12 +426,12 @@ def check_signature(tf, saved_model, shown: str, training: Optional[TrainingImag
     expected_returns = signature_returns(classes)
     if takes == expected_takes and set(expected_returns) <= set(returns):
         return
-    mismatch = _mismatch(takes, returns, expected_takes, classes) if shape.class_names is not None else None
-    if mismatch:
-        raise fault(shown, f"{mismatch}: are they from two different exports? Export the model again")
+    mixed = shape.class_names is not None and _trainer_form(takes, returns)
     raise fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
                         f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(expected_takes)} -> "
-                        f"{', '.join(expected_returns)}")
+                        f"{', '.join(expected_returns)}"
+                        + (f", the shape and classes {TRAINING_IMAGES_FILE} records (is saved_model.pb from "
+                           "another export? Export the model again)" if mixed else ""))
 
 
 def check_variables(tf, local: str, shown: str) -> None:
