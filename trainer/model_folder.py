@@ -1,7 +1,8 @@
 """What an exported model folder is: the files an export writes, how a new export replaces an old one
 without a moment of half a model, what an export killed part-way leaves behind, when a folder (local or
 gs://) holds a complete model, the checks a folder passes before TensorFlow loads it, and
-training_images.json, the export's description of the images the model was trained on.
+training_images.json, the export's description of the images the model was trained on (their shape,
+channels, class names and how they were made).
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import re
 import shutil
 import stat
 import tempfile
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from trainer import storage
 from trainer.errors import TrainerError, require_tensorflow
-from trainer.images import IMAGE_SIZE, NUM_CLASSES
 from trainer.joblock import process_alive
 
 SAVED_MODEL = "saved_model.pb"
@@ -114,8 +114,24 @@ def remove_export_debris(model_dir: str) -> List[str]:
 # saved_model.pb's parse and signature, and every variable read back from variables/; only then
 # tf.saved_model.load (whose own errors are many types with many lines, some naming no file).
 
-TAKES = [f"image uint8 [?,{IMAGE_SIZE},{IMAGE_SIZE}]"]
-RETURNS = ["classes int64 [?]", f"probabilities float32 [?,{NUM_CLASSES}]"]
+# A folder whose training_images.json records no shape and no class names (or that has no such file) holds
+# a model of MNIST's form: 28x28 grey images, ten classes (the digits' names when class_names.json is absent).
+DIGIT_SIDE = 28
+DIGIT_CLASSES = 10
+
+
+def signature_takes(height: int, width: int, channels: int) -> List[str]:
+    """The serving signature's input, as `_describe` writes it: uint8 [N,H,W] grey, [N,H,W,3] colour."""
+    return [f"image uint8 [?,{height},{width}{',3' if channels == 3 else ''}]"]
+
+
+def signature_returns(classes: int) -> List[str]:
+    """The serving signature's outputs for a model of `classes` classes."""
+    return ["classes int64 [?]", f"probabilities float32 [?,{classes}]"]
+
+
+TAKES = signature_takes(DIGIT_SIDE, DIGIT_SIDE, 1)
+RETURNS = signature_returns(DIGIT_CLASSES)
 INDEX_FILE = "variables/variables.index"
 _DATA_FILE = re.compile(r"^variables\.data-\d{5}-of-(\d{5})$")
 
@@ -219,36 +235,60 @@ def _read_json_file(local: str, name: str, shown: str):
         raise fault(shown, f"cannot read {name} ({error.strerror or type(error).__name__})") from None
 
 
-def read_class_names(local: str, shown: str) -> List[str]:
-    """The names in class_names.json: a JSON list of NUM_CLASSES strings. A model folder without the file
-    (copied without it, or exported before it existed) is a digit model: its names are the digits."""
-    if not os.path.lexists(os.path.join(local, CLASS_NAMES_FILE)):
-        return [str(digit) for digit in range(NUM_CLASSES)]
-    names = _read_json_file(local, CLASS_NAMES_FILE, shown)
-    wanted = f"not a list of {NUM_CLASSES} names"
-    if not isinstance(names, list):
-        raise fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
-    if len(names) != NUM_CLASSES:
-        raise fault(shown, f"{CLASS_NAMES_FILE} holds {len(names)} names, {wanted}")
+def _name_fault(names, file: str, shown: str) -> None:
+    """A fault when `names` (from `file`) has an entry that is not a name."""
     for number, name in enumerate(names, start=1):
         if not isinstance(name, str) or not name.strip():
             what = "an empty string" if isinstance(name, str) else _json_kind(name)
-            raise fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {what}, not a name")
+            raise fault(shown, f"{file}: name {number} is {what}, not a name")
+
+
+def read_class_names(local: str, shown: str, training: Optional[TrainingImages] = None) -> List[str]:
+    """The names in class_names.json: a JSON list of the model's K names. When training_images.json records
+    class names (`training.class_names`), class_names.json must hold the same list, and stands in for it when
+    absent; when it records none, the model is of MNIST's form: ten names, the digits when the file is absent
+    (a folder copied without it, or exported before it existed)."""
+    recorded = training.class_names if training is not None else None
+    if not os.path.lexists(os.path.join(local, CLASS_NAMES_FILE)):
+        return list(recorded) if recorded is not None else [str(digit) for digit in range(DIGIT_CLASSES)]
+    names = _read_json_file(local, CLASS_NAMES_FILE, shown)
+    count = len(recorded) if recorded is not None else DIGIT_CLASSES
+    wanted = f"not a list of {count} names"
+    if not isinstance(names, list):
+        raise fault(shown, f"{CLASS_NAMES_FILE} holds {_json_kind(names)}, {wanted}")
+    if len(names) != count:
+        source = f" (as {TRAINING_IMAGES_FILE}'s class_names)" if recorded is not None else ""
+        raise fault(shown, f"{CLASS_NAMES_FILE} holds {len(names)} names, {wanted}{source}")
+    _name_fault(names, CLASS_NAMES_FILE, shown)
+    if recorded is not None:
+        for number, (name, expected) in enumerate(zip(names, recorded, strict=True), start=1):
+            if name != expected:
+                raise fault(shown, f"{CLASS_NAMES_FILE}: name {number} is {json.dumps(name)}, but "
+                                    f"{TRAINING_IMAGES_FILE}'s class_names has {json.dumps(expected)}")
     return names
 
 
 class TrainingImages(NamedTuple):
-    """How the images a model was trained on are made (training_images.json; see `images.describe_images`)."""
+    """How the images a model was trained on are made (training_images.json; see `images.describe_images`).
+    A file without the shape keys describes a model of MNIST's form (the defaults)."""
 
     background: str  # "dark" or "light"
     background_level: int  # 0..255, the median grey of the images' outermost ring of pixels
     object_side: int  # pixels: the longest side of the object's box (20 for MNIST's digits, 28 for garments)
     centring: str  # "mass": centre of mass at the frame's centre (MNIST); "box": the box centred (Fashion-MNIST)
+    height: int = DIGIT_SIDE  # the model's input, in pixels
+    width: int = DIGIT_SIDE
+    channels: int = 1  # 1: grey, uint8 [N,H,W]; 3: colour, uint8 [N,H,W,3]
+    class_names: Optional[Tuple[str, ...]] = None  # None: not recorded (class_names.json holds ten)
+    preprocess: str = "frame"  # "resize": trained on files resized to the model's size; "frame": images at its size
 
 
+# What a folder without training_images.json (exported before the file existed) holds: MNIST's digits.
+DIGITS = TrainingImages(background="dark", background_level=0, object_side=20, centring="mass")
 TRAINING_IMAGES_VERSION = 1
+MAX_SIDE = 4096  # pixels: the largest height or width training_images.json may give
 _CHOICES = dict(background=("dark", "light"), centring=("mass", "box"))
-_RANGES = dict(background_level=(0, 255), object_side=(1, IMAGE_SIZE))
+_SHAPE_CHOICES = dict(channels=(1, 3), preprocess=("resize", "frame"))
 
 
 def write_training_images(folder: str, description: dict) -> None:
@@ -259,9 +299,37 @@ def write_training_images(folder: str, description: dict) -> None:
         out.write("\n")
 
 
+def _whole(described: dict, key: str, low: int, high: int, shown: str) -> int:
+    value = described.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise fault(shown, f"{TRAINING_IMAGES_FILE}: {key} is {json.dumps(value)}, not a whole number "
+                            f"from {low} to {high}")
+    return value
+
+
+def _choice(described: dict, key: str, choices: Sequence, shown: str):
+    value = described.get(key)
+    if not any(type(value) is type(choice) and value == choice for choice in choices):  # 1.0 or true is not 1
+        wanted = " or ".join(json.dumps(choice) for choice in choices)
+        raise fault(shown, f"{TRAINING_IMAGES_FILE}: {key} is {json.dumps(value)}, not {wanted}")
+    return value
+
+
+def _recorded_names(described: dict, shown: str) -> Optional[Tuple[str, ...]]:
+    """training_images.json's class_names (a list of at least two names), or None when it has none."""
+    if "class_names" not in described:
+        return None
+    names = described["class_names"]
+    if not isinstance(names, list) or len(names) < 2:
+        what = f"{len(names)} name{'s' * (len(names) != 1)}" if isinstance(names, list) else _json_kind(names)
+        raise fault(shown, f"{TRAINING_IMAGES_FILE}: class_names is {what}, not a list of at least 2 names")
+    _name_fault(names, f"{TRAINING_IMAGES_FILE}: class_names", shown)
+    return tuple(names)
+
+
 def read_training_images(local: str, shown: str) -> Optional[TrainingImages]:
     """training_images.json checked, or None when the folder has none (a model exported before the file
-    existed: its images are taken as MNIST's digits)."""
+    existed: its images are taken as MNIST's digits). Keys it lacks take the defaults of MNIST's form."""
     name = TRAINING_IMAGES_FILE
     if not os.path.lexists(os.path.join(local, name)):
         return None
@@ -273,15 +341,16 @@ def read_training_images(local: str, shown: str) -> Optional[TrainingImages]:
         raise fault(shown, f"{name} is version {json.dumps(version)}, not {TRAINING_IMAGES_VERSION}: "
                             "written by another release of the trainer")
     for key, choices in _CHOICES.items():
-        if described.get(key) not in choices:
-            wanted = " or ".join(json.dumps(choice) for choice in choices)
-            raise fault(shown, f"{name}: {key} is {json.dumps(described.get(key))}, not {wanted}")
-    for key, (low, high) in _RANGES.items():
-        value = described.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise fault(shown, f"{name}: {key} is {json.dumps(value)}, not a whole number from {low} to {high}")
-    return TrainingImages(background=described["background"], background_level=described["background_level"],
-                          object_side=described["object_side"], centring=described["centring"])
+        _choice(described, key, choices, shown)
+    height, width = (_whole(described, key, 1, MAX_SIDE, shown) if key in described else DIGIT_SIDE
+                     for key in ("height", "width"))
+    channels, preprocess = (_choice(described, key, choices, shown) if key in described
+                            else TrainingImages._field_defaults[key] for key, choices in _SHAPE_CHOICES.items())
+    level = _whole(described, "background_level", 0, 255, shown)
+    side = _whole(described, "object_side", 1, max(height, width), shown)
+    return TrainingImages(background=described["background"], background_level=level, object_side=side,
+                          centring=described["centring"], height=height, width=width, channels=channels,
+                          class_names=_recorded_names(described, shown), preprocess=preprocess)
 
 
 def _parse(local: str, name: str, message, what: str, shown: str):
@@ -319,7 +388,7 @@ def _dtype_name(tf, number: int) -> str:
 
 
 def _describe(tf, tensors) -> List[str]:
-    """A signature's tensors as 'name dtype [?,28,28]', sorted by name."""
+    """A signature's tensors as 'name dtype [?,28,28]' (`?` an unknown size), sorted by name."""
     described = []
     for name, info in sorted(tensors.items()):
         shape = info.tensor_shape
@@ -329,17 +398,40 @@ def _describe(tf, tensors) -> List[str]:
     return described
 
 
-def check_signature(tf, saved_model, shown: str) -> None:
-    """The trainer's serving signature: image uint8 [N,28,28] -> classes int64 [N], probabilities float32 [N,10]."""
+_TRAINER_INPUT = re.compile(r"^image uint8 \[\?,\d+,\d+(,3)?\]$")
+_TRAINER_OUTPUT = re.compile(r"^probabilities float32 \[\?,\d+\]$")
+
+
+def _trainer_form(takes: List[str], returns: List[str]) -> bool:
+    """Whether a signature has the trainer's form, whatever its sizes: one uint8 image in, classes and
+    probabilities out."""
+    return (len(takes) == 1 and bool(_TRAINER_INPUT.match(takes[0])) and "classes int64 [?]" in returns
+            and any(map(_TRAINER_OUTPUT.match, returns)))
+
+
+def check_signature(tf, saved_model, shown: str, training: Optional[TrainingImages] = None,
+                    classes: int = DIGIT_CLASSES) -> None:
+    """The trainer's serving signature, of the shape the folder's metadata gives: image uint8 [N,H,W] (grey) or
+    [N,H,W,3] (colour) -> classes int64 [N], probabilities float32 [N,K], K = `classes` (its class names).
+    Without training_images.json (or without its shape keys) [N,28,28] -> [N,10]. A signature of the trainer's
+    form that disagrees with metadata recording the shape and names is said to be another export's."""
     graphs = [graph for graph in saved_model.meta_graphs if "serve" in graph.meta_info_def.tags]
     signatures = (graphs or saved_model.meta_graphs)[0].signature_def
     foreign = "saved_model.pb is not a model exported by this trainer"
     if SIGNATURE not in signatures:
         raise fault(shown, f"{foreign}: it has no {SIGNATURE} signature")
     takes, returns = _describe(tf, signatures[SIGNATURE].inputs), _describe(tf, signatures[SIGNATURE].outputs)
-    if takes != TAKES or not set(RETURNS) <= set(returns):
-        raise fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
-                            f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(TAKES)} -> {', '.join(RETURNS)}")
+    shape = training or DIGITS
+    expected_takes = signature_takes(shape.height, shape.width, shape.channels)
+    expected_returns = signature_returns(classes)
+    if takes == expected_takes and set(expected_returns) <= set(returns):
+        return
+    mixed = shape.class_names is not None and _trainer_form(takes, returns)
+    raise fault(shown, f"{foreign}: its {SIGNATURE} maps {', '.join(takes[:3]) or 'nothing'} -> "
+                        f"{', '.join(returns[:3]) or 'nothing'}, not {', '.join(expected_takes)} -> "
+                        f"{', '.join(expected_returns)}"
+                        + (f", the shape and classes {TRAINING_IMAGES_FILE} records (is saved_model.pb from "
+                           "another export? Export the model again)" if mixed else ""))
 
 
 def check_variables(tf, local: str, shown: str) -> None:
@@ -359,12 +451,13 @@ def check_variables(tf, local: str, shown: str) -> None:
                                 f"{INDEX_FILE} describes it)") from None
 
 
-def load_serving(local: str, shown: str):
-    """The model's `serving_default` function, once its files, signature and variables are checked."""
+def load_serving(local: str, shown: str, training: Optional[TrainingImages] = None, classes: int = DIGIT_CLASSES):
+    """The model's `serving_default` function, once its files, signature (for images like `training` and
+    `classes` classes) and variables are checked."""
     from google.protobuf.message import DecodeError
 
     tf = require_tensorflow()
-    check_signature(tf, read_saved_model(local, shown), shown)
+    check_signature(tf, read_saved_model(local, shown), shown, training, classes)
     check_variables(tf, local, shown)
     try:
         return tf.saved_model.load(local).signatures[SIGNATURE]

@@ -28,6 +28,7 @@ MIN_NOISE_FLOOR = 12.0  # grey levels: contrast below this is never the object, 
 MIN_INK_CONTRAST = 32.0  # grey levels: an object fainter than this against its background is "nothing there"
 MIN_INK_PIXELS = 6  # fewer pixels above the threshold than this is nothing there
 SPECK_FRACTION = 0.05  # connected pieces smaller than this share of the largest piece are dropped
+RING_SHARE = 28  # a frame-filling object's background is read in a border ring 1/RING_SHARE of the shorter side
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 BLANK = "nothing to classify: the image is blank or a single colour"
 
@@ -216,7 +217,7 @@ def border_background(plane: np.ndarray) -> Tuple[np.ndarray, float]:
     `noise_sigma`)."""
     small = _block_mean(plane, 64)
     height, width = small.shape
-    side = max(1, min(height, width) // 28)
+    side = max(1, min(height, width) // RING_SHARE)
     ring = np.zeros(small.shape, dtype=bool)
     ring[:side], ring[-side:], ring[:, :side], ring[:, -side:] = True, True, True, True
     y, x = _grid(height, width)

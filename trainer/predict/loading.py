@@ -3,8 +3,9 @@ TensorFlow loads it, its class names, how its training images are made, and the 
 
 A model folder is checked before TensorFlow loads it, so that a damaged or foreign one is one line naming
 the file at fault (trainer.model_folder): each file an export writes is there and not empty,
-class_names.json is ten names, training_images.json (when there) is valid, saved_model.pb parses and has
-the trainer's serving signature, every variable reads back from variables/.
+training_images.json (when there) is valid, class_names.json holds the names it records (ten, when it
+records none), saved_model.pb parses and has the trainer's serving signature for that image shape and class
+count, every variable reads back from variables/.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from trainer import storage
 from trainer.errors import TrainerError, require_tensorflow
 from trainer.model_folder import (
+    DIGITS,
     TrainingImages,
     check_model_files,
     fault,
@@ -41,9 +43,15 @@ class Model(NamedTuple):
     class_names: List[str]
     training: Optional[TrainingImages]  # None: exported before training_images.json, a digit model
 
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """The model's input: (height, width, channels)."""
+        training = self.training or DIGITS
+        return training.height, training.width, training.channels
+
     def serving(self):
         """The `serving_default` function, once saved_model.pb and variables/ are checked (imports TensorFlow)."""
-        return load_serving(self.local, self.shown)
+        return load_serving(self.local, self.shown, self.training, len(self.class_names))
 
 
 def open_model(model_dir: str) -> Model:
@@ -54,11 +62,18 @@ def open_model(model_dir: str) -> Model:
     shown = model_dir.rstrip("/") if storage.is_gcs(model_dir) else model_dir  # faults name what was typed
     local = local_model_dir(model_dir)
     check_model_files(local, shown)
-    return Model(local, shown, read_class_names(local, shown), read_training_images(local, shown))
+    training = read_training_images(local, shown)
+    return Model(local, shown, read_class_names(local, shown, training), training)
 
 
-def classify(serving, class_names: Sequence[str], images: np.ndarray, shown: str) -> List[Tuple[int, str, float]]:
-    """uint8 [N, 28, 28] -> [(class index, class name, probability)] with the loaded `serving` function."""
+Answer = Tuple[int, str, float]  # a class index, its name, its probability
+
+
+def classify_top(serving, class_names: Sequence[str], images: np.ndarray, shown: str,
+                 top: int = 1) -> List[List[Answer]]:
+    """uint8 [N, H, W] or [N, H, W, 3], the model's input -> for each image its `top` most probable classes
+    (at most the model's class count), the model's own answer (its `classes` output) first, then the others
+    by probability, with the loaded `serving` function."""
     tf = require_tensorflow()
     try:
         outputs = serving(image=tf.constant(images))
@@ -66,4 +81,14 @@ def classify(serving, class_names: Sequence[str], images: np.ndarray, shown: str
         raise fault(shown, f"the model failed on these images ({type(error).__name__})") from None
     classes = outputs["classes"].numpy()
     probabilities = outputs["probabilities"].numpy()
-    return [(int(c), class_names[int(c)], float(probabilities[i, c])) for i, c in enumerate(classes)]
+    answers = []
+    for row, first in zip(probabilities, classes.astype(int), strict=True):
+        runners_up = [int(k) for k in np.argsort(-row, kind="stable") if k != first][:top - 1]
+        answers.append([(k, class_names[k], float(row[k])) for k in (first, *runners_up)])
+    return answers
+
+
+def classify(serving, class_names: Sequence[str], images: np.ndarray, shown: str) -> List[Answer]:
+    """uint8 [N, H, W] or [N, H, W, 3], the model's input -> [(class index, class name, probability)] with the
+    loaded `serving` function."""
+    return [ranked[0] for ranked in classify_top(serving, class_names, images, shown)]
