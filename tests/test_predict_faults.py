@@ -273,3 +273,59 @@ def test_startup_lines_below_the_log_level_are_held_back(monkeypatch):
     assert startup_lines_to_show(chatter) == [chatter.splitlines()[3], "something else"]
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
     assert startup_lines_to_show(chatter) == chatter.splitlines()[1:]
+
+
+def test_odd_images_are_one_line_each_and_the_rest_are_still_classified(model_copy, digit_png, tmp_path, capfd):
+    """A 3x2 image whose levels defeated the threshold's histogram and a float TIFF with a NaN pixel: each is
+    classified or named in one line; the good image beside them is classified either way."""
+    import numpy as np
+    from PIL import Image
+
+    tiny = str(tmp_path / "tiny.png")
+    Image.fromarray(np.array([[255, 0, 1], [1, 1, 0]], dtype=np.uint8)).save(tiny)
+    nan = str(tmp_path / "nan.tif")
+    pixels = np.zeros((28, 28), dtype=np.float32)
+    pixels[8:20, 12:16] = 1.0
+    pixels[0, 0] = np.nan
+    Image.fromarray(pixels, mode="F").save(nan)
+    capfd.readouterr()
+    code, out, err, _ = predict_in_process(capfd, model_copy, digit_png, tiny, nan)
+    assert "Traceback" not in err and "unexpected" not in err and "RuntimeWarning" not in err, err
+    lines = out.strip().splitlines()
+    assert lines[0].split("\t")[0] == digit_png, out
+    named = {line.split("\t")[0] for line in lines} | {line.split(":")[1].strip() for line in err.splitlines()}
+    assert {tiny, nan} <= named, (out, err)
+    assert len(lines) + len(err.strip().splitlines()) == 3 and code in (0, 1), (out, err)
+
+
+def test_show_never_overwrites_an_input_image_or_takes_an_empty_path(digit_png, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    before = open(digit_png, "rb").read()
+    for show, expected in ((digit_png, "is also one of the images to classify"), ("", "an empty path")):
+        outcome = main_in_fresh_interpreter("trainer.predict", ["--model-dir", str(tmp_path), "--show", show,
+                                                                digit_png])
+        assert outcome["code"] == 2 and outcome["heavy"] == [], outcome
+        assert f"error: --show{' ' + show if show else ''}: {expected}" in outcome["err"].strip().splitlines()[-1]
+    assert open(digit_png, "rb").read() == before
+
+
+def test_a_model_dir_bucket_cloud_storage_refuses_is_exit_2_at_once():
+    from helpers import main_in_fresh_interpreter
+
+    outcome = main_in_fresh_interpreter("trainer.predict", ["--model-dir", "gs://Bad_Bucket!/model", "a.png"])
+    assert outcome["code"] == 2 and outcome["heavy"] == [], outcome
+    assert "--model-dir gs://Bad_Bucket!/model: bucket name 'Bad_Bucket!' is not valid" in outcome["err"]
+
+
+def test_a_path_or_class_name_with_a_newline_stays_one_output_line(model_copy, digit_png, tmp_path, capfd):
+    odd = str(tmp_path / "two\nlines.png")
+    shutil.copy(digit_png, odd)
+    with open(os.path.join(model_copy, "class_names.json")) as handle:
+        names = json.load(handle)
+    with open(os.path.join(model_copy, "class_names.json"), "w") as handle:
+        json.dump([name + "\nx" for name in names], handle)
+    capfd.readouterr()
+    code, out, err, _ = predict_in_process(capfd, model_copy, odd)
+    assert code == 0 and err == "", err
+    assert out.count("\n") == 1 and out.startswith(odd.replace("\n", "\\n") + "\t") and "\\nx" in out, out

@@ -128,8 +128,12 @@ def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """The level that best splits `values` into two classes (Otsu's method: maximal between-class variance)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 0.0
     low, high = float(values.min()), float(values.max())
-    if high <= low:
+    if high - low < 1e-6:  # one level (or levels too close for `bins` bins of their own): nothing to split
         return high
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
     centres = (edges[:-1] + edges[1:]) / 2

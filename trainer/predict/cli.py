@@ -14,6 +14,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trainer import storage
+from trainer.config import bucket_problem
 from trainer.errors import TrainerError
 from trainer.predict.loading import Answer, classify_top, missing_bucket, open_model
 from trainer.predict.preprocess import load_image
@@ -41,6 +43,9 @@ def predict(model_dir: str, paths: Sequence[str], top: int = 1) -> List[Result]:
             loaded.append(Result(path, pixels=load_image(path, model.training)))
         except TrainerError as error:
             loaded.append(Result(path, error=error))
+        except (ValueError, ArithmeticError, IndexError, MemoryError) as error:  # an image no check foresaw
+            loaded.append(Result(path, error=TrainerError(
+                f"{shown_path(path)}: cannot prepare it for the model ({type(error).__name__}: {error})")))
     good = [result.pixels for result in loaded if result.pixels is not None]
     answers = iter(classify_top(model.serving(), model.class_names, np.stack(good), model.shown, top) if good else [])
     results = []
@@ -93,12 +98,20 @@ def top_count(text: str) -> int:
     return value
 
 
+def shown_path(text: str) -> str:
+    """`text` on one line: a tab, newline or other control character in a path or class name is written as
+    its escape (\\n, \\t, \\x1b), so that every image stays one line of output."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def output_line(result: Result) -> str:
     """`PATH<TAB>INDEX (NAME)<TAB>PROBABILITY`, and a pair more for each runner-up; the name is left out
     where it is the index itself (digits)."""
-    fields = [result.path]
+    fields = [shown_path(result.path)]
     for index, name, probability in ((result.class_index, result.name, result.probability), *result.runners_up):
-        fields += [f"{index} ({name})" if name != str(index) else str(index), f"{probability:.4f}"]
+        fields += [f"{index} ({shown_path(name)})" if name != str(index) else str(index), f"{probability:.4f}"]
     return "\t".join(fields)
 
 
@@ -124,11 +137,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
     problem = missing_bucket(args.model_dir)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if storage.is_gcs(args.model_dir) and bucket_problem(args.model_dir):
+        command.error(f"--model-dir {args.model_dir}: {bucket_problem(args.model_dir)}")
+    if args.show is not None:
+        if not args.show.strip():
+            command.error("--show: an empty path (name the PNG file to write)")
+        inputs = {os.path.realpath(path) for path in args.images if not path.startswith("/dev/")}
+        if os.path.realpath(args.show) in inputs:
+            command.error(f"--show {args.show}: is also one of the images to classify; it would be overwritten "
+                          "(name another file)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         if args.show and not os.path.isdir(os.path.dirname(os.path.abspath(args.show))):
@@ -144,7 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     for result in results:
         if result.error:
-            print(f"error: {result.error}", file=sys.stderr, flush=True)
+            print(f"error: {shown_path(str(result.error))}", file=sys.stderr, flush=True)
         else:
             print(output_line(result), flush=True)
     seen = [(number, result, result.pixels) for number, result in enumerate(results, start=1)

@@ -190,7 +190,7 @@ def image_to_rgb(image) -> np.ndarray:
     if turn is not None:
         image = image.transpose(turn)
     if image.mode in ("I", "F"):
-        gray = np.asarray(image, dtype=np.float32)
+        gray = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         if gray.max() > 255:
             gray = gray * (255.0 / 65535.0)  # 16-bit samples
         elif image.mode == "F" and gray.max() <= 1.0:
