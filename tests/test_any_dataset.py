@@ -193,6 +193,7 @@ def write_pngs(folder, name, count, grey=False, side=12, seed=0):
 
 
 def test_a_folder_reads_classes_sizes_and_channels_from_its_files(tmp_path):
+    from trainer.data import holdout_test
     from trainer.image_folder import load_image_folder
     from trainer.images import to_model_pixels
     from trainer.predict.reading import image_to_rgb, open_image
@@ -204,18 +205,18 @@ def test_a_folder_reads_classes_sizes_and_channels_from_its_files(tmp_path):
     (tmp_path / "grey" / "a" / "notes.txt").write_text("not an image")  # not read
     arrays, names = load_image_folder(folder)
     assert names == ("a", "b")
-    assert arrays["train_images"].shape[1:] == (12, 12)  # grey: one channel, the most common size
-    assert len(arrays["train_images"]) + len(arrays["test_images"]) == 11
-    assert sorted(arrays["test_labels"].tolist()) == [0, 1]  # a fifth of each class, rounded (at least one)
+    assert arrays["all_images"].shape == (11, 12, 12)  # grey: one channel, the most common size
+    assert sorted(arrays["all_labels"].tolist()) == [0] * 5 + [1] * 6
+    _, test = holdout_test(arrays["all_images"], arrays["all_labels"])
+    assert sorted(test[1].tolist()) == [0, 1]  # a fifth of each class, rounded (at least one)
     # the grey path gives exactly the contract's resize to one channel
     odd = os.path.join(folder, "a", "more", "0.png")
     arrays, _ = load_image_folder(folder, (9, 15))
-    everything = np.concatenate([arrays["train_images"], arrays["test_images"]])
     expected = to_model_pixels(image_to_rgb(open_image(odd)), 9, 15, 1)
-    assert any(np.array_equal(image, expected) for image in everything)
+    assert any(np.array_equal(image, expected) for image in arrays["all_images"])
     write_pngs(folder, "b", 1, grey=False, side=12, seed=3)  # one colour image makes the set colour
     arrays, _ = load_image_folder(folder)
-    assert arrays["train_images"].shape[1:] == (12, 12, 3)
+    assert arrays["all_images"].shape[1:] == (12, 12, 3)
 
 
 def test_a_folder_with_its_own_split_keeps_it(tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 
 from trainer.config import CLASS_NAME_SETS, Config
 from trainer.errors import TrainerError
-from trainer.images import IMAGE_SIZE, NUM_CLASSES, ImageShape, image_shape
+from trainer.images import IMAGE_SIZE, MAX_SIDE, MIN_SIDE, NUM_CLASSES, ImageShape, image_shape
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -34,7 +34,6 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
-MIN_SIDE, MAX_SIDE = 4, 1024  # pixels a side of a training image: from tiny icons to large photos
 OFFLINE_HINT = ("train from local IDX files instead, e.g. `python -m trainer.task --dataset "
                 "idx:/usr/share/datasets/fashion-mnist` (Debian package dataset-fashion-mnist), or point "
                 "--data-dir at a folder where TFDS already prepared the dataset")
@@ -202,9 +201,9 @@ def tfds_data_dir(data_dir: Optional[str]) -> str:
 def check_tfds_offline(name: str, data_dir: Optional[str]) -> None:
     """Before TensorFlow loads (seconds on a busy machine): a known TFDS dataset that is not prepared locally
     on a machine that cannot reach the download host fails now, with the offline alternatives. Other names
-    go to TFDS, which knows whether they exist. When this process has already loaded TFDS (a notebook, a
-    test serving data through `tfds.testing.mock_data`), there is no import left to save: TFDS decides."""
-    if tfds_base(name) not in KNOWN_TFDS or "tensorflow_datasets" in sys.modules:
+    go to TFDS, which knows whether they exist, and so does every name when this process serves TFDS data
+    without downloads (`tfds.testing.mock_data`)."""
+    if tfds_base(name) not in KNOWN_TFDS or _downloads_replaced():
         return
     folder = os.path.join(tfds_data_dir(data_dir), tfds_base(name))
     for _, _, files in os.walk(folder):
@@ -231,14 +230,21 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _serves_without_download(builder) -> bool:
-    """Whether TFDS can give this builder's examples without downloading: prepared files, or a builder whose
-    download_and_prepare is not TFDS's own (tfds.testing.mock_data replaces it with a no-op and serves
-    generated examples, though is_prepared() is False and info.splits is empty)."""
-    if builder.is_prepared():
-        return True
-    prepare = getattr(builder.download_and_prepare, "__func__", builder.download_and_prepare)
+def _downloads_replaced() -> bool:
+    """Whether this process has replaced TFDS's download_and_prepare (tfds.testing.mock_data makes it a
+    no-op and serves generated examples, though is_prepared() is False and info.splits is empty); False
+    while TFDS is not even imported."""
+    builders = sys.modules.get("tensorflow_datasets.core.dataset_builder")
+    if builders is None:
+        return False
+    prepare = getattr(builders.DatasetBuilder, "download_and_prepare", None)
     return not getattr(prepare, "__module__", "").startswith("tensorflow_datasets.core")
+
+
+def _serves_without_download(builder) -> bool:
+    """Whether TFDS can give this builder's examples without downloading: prepared files, or downloads
+    replaced in this process."""
+    return builder.is_prepared() or _downloads_replaced()
 
 
 def _tfds_shape(name: str, features) -> Tuple[Tuple[int, int, int], int]:
@@ -400,6 +406,9 @@ def _load(config: Config) -> Splits:
         from trainer.image_folder import load_image_folder
 
         arrays, folder_names = load_image_folder(config.folder_dir, config.image_size)
+        if "all_images" in arrays:  # the folder has no split of its own
+            (arrays["train_images"], arrays["train_labels"]), (arrays["test_images"], arrays["test_labels"]) = \
+                holdout_test(arrays.pop("all_images"), arrays.pop("all_labels"))
         names = resolve_class_names(config, folder_names, len(folder_names))
         return split_arrays(arrays, config, config.dataset, names, preprocess="resize")
     arrays, tfds_names, num_classes = load_tfds(config.dataset, config.data_dir)

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from trainer.errors import TrainerError
+from trainer.images import MAX_SIDE, MIN_SIDE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -153,11 +154,10 @@ def read_images(paths: Sequence[str], size: Tuple[int, int]) -> Tuple[np.ndarray
 
 
 def load_image_folder(folder: str, image_size: Optional[Tuple[int, int]] = None) -> Tuple[dict, Tuple[str, ...]]:
-    """The folder's arrays (train_*, test_*, and validation_* when it has that split) and class names."""
+    """The folder's arrays and class names: train_*, test_* and validation_* (images, labels) for the splits
+    the folder has, or all_* when it has none of its own."""
     layout = scan_folder(folder)
     every = [path for files in layout.files.values() for path, _ in files]
-    from trainer.data import MAX_SIDE, MIN_SIDE, holdout_test
-
     size = (int(image_size[0]), int(image_size[1])) if image_size else common_size(every)
     if all(size) and not all(MIN_SIDE <= side <= MAX_SIDE for side in size):
         raise TrainerError(f"--dataset folder:{folder}: its most common image size is {size[0]}x{size[1]}; give "
@@ -174,7 +174,5 @@ def load_image_folder(folder: str, image_size: Optional[Tuple[int, int]] = None)
     for split, files in layout.files.items():
         arrays[split] = (images[start:start + len(files)], labels[start:start + len(files)])
         start += len(files)
-    if "all" in arrays:
-        arrays["train"], arrays["test"] = holdout_test(*arrays.pop("all"))
     return {f"{split}_{kind}": array for split, (images_, labels_) in arrays.items()
             for kind, array in (("images", images_), ("labels", labels_))}, layout.class_names

@@ -15,6 +15,7 @@ import numpy as np
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
+MIN_SIDE, MAX_SIDE = 4, 1024  # pixels a side of a training image: from tiny icons to large photos
 
 
 class ImageShape(NamedTuple):
