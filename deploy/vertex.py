@@ -290,13 +290,18 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
 
 def _too_deep(filters, checked: List[str]) -> Optional[str]:
     """Why conv blocks `filters` do not fit the images (as the trainer would refuse them at its start in every
-    replica or trial), or None."""
+    replica or trial), or None; None too when the dataset's image size is not known before loading it (the
+    trainer checks then)."""
     from trainer.config import parse_config
+    from trainer.data import known_image_size
     from trainer.model import feature_map_sizes
 
     config = parse_config(checked, {})
+    size = known_image_size(config.dataset)
+    if size is None:
+        return None
     try:
-        feature_map_sizes(filters, convs_per_block=config.convs_per_block, padding=config.padding)
+        feature_map_sizes(filters, size, convs_per_block=config.convs_per_block, padding=config.padding)
     except TrainerError as error:
         return str(error)
     return None

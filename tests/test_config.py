@@ -30,7 +30,7 @@ def parse(args, environ=None):
     (["--dataset", "idx:"], "--dataset idx: needs a folder"),
     (["--strategy", "gpu"], "argument --strategy: invalid choice"),
     (["--train-limit", "1"], "--train-limit must be at least 2"),
-    (["--class-names", "a,b"], "--class-names must be auto, digits, fashion or ten"),
+    (["--class-names", "a"], "--class-names must be auto, digits, fashion or one comma-separated name per class"),
     (["--unaugmented-epochs", "-1"], "--unaugmented-epochs must be in [0, 1,000,000]"),
 ])
 def test_bad_flag_exits_2_naming_it(args, message, capsys):

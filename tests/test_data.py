@@ -52,9 +52,11 @@ def _rewrite(path, mutate):
 
 @pytest.mark.parametrize("target, mutate, message", [
     ("t10k-images-idx3-ubyte", lambda raw: struct.pack(">I", 1234) + raw[4:], "not an IDX images file"),
-    ("t10k-images-idx3-ubyte", lambda raw: raw[:8] + struct.pack(">II", 32, 32) + raw[16:], "32x32, expected 28x28"),
+    ("t10k-images-idx3-ubyte", lambda raw: raw[:8] + struct.pack(">II", 2, 2) + raw[16:],
+     "2x2; each side must be 4 to 1024"),
+    ("t10k-images-idx3-ubyte", lambda raw: raw[:8] + struct.pack(">II", 14, 56) + raw[16:],
+     "the training images are 28x28 but the test images 14x56"),
     ("t10k-images-idx3-ubyte", lambda raw: raw[:-100], "file truncated"),
-    ("t10k-labels-idx1-ubyte", lambda raw: raw[:-1] + bytes([12]), "label 12 out of range 0-9"),
     ("t10k-labels-idx1-ubyte", lambda raw: raw[:4] + struct.pack(">I", 19) + raw[8:-1], "holds 20 images but"),
     ("t10k-labels-idx1-ubyte", lambda raw: raw[:3], "too short for an IDX header"),
 ])
@@ -62,7 +64,16 @@ def test_bad_file_is_one_error_naming_it(idx_folder, target, mutate, message):
     _rewrite(idx_folder / target, mutate)
     with pytest.raises(TrainerError, match=message) as error:
         load_idx_folder(str(idx_folder))
-    assert "t10k-" in str(error.value)
+    assert "t10k-" in str(error.value) or "test images" in str(error.value)
+
+
+def test_labels_beyond_the_named_classes_are_refused(idx_folder):
+    from trainer.config import Config
+    from trainer.data import load_splits
+
+    _rewrite(idx_folder / "t10k-labels-idx1-ubyte", lambda raw: raw[:-1] + bytes([12]))
+    with pytest.raises(TrainerError, match="--class-names digits: 10 names, but --dataset idx:.* has 13 classes"):
+        load_splits(Config(job_dir="/tmp/x", dataset=f"idx:{idx_folder}", class_names="digits"))
 
 
 def test_corrupt_gzip_names_the_file(idx_folder):

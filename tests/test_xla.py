@@ -38,7 +38,7 @@ def test_predict_and_serving_functions_compile_and_agree(seed_run, digits):
     pixels = tf.cast(images, tf.float32)[..., tf.newaxis] / 255.0
     plain = make_predict_function(model)(pixels).numpy()
     np.testing.assert_allclose(make_predict_function(model, jit_compile=True)(pixels).numpy(), plain, atol=1e-5)
-    serve = tf.function(serving_function(model), input_signature=serving_signature(), jit_compile=True)
+    serve = tf.function(serving_function(model), input_signature=serving_signature(model), jit_compile=True)
     served = serve(images)
     np.testing.assert_allclose(served["probabilities"].numpy(), plain, atol=1e-5)
     exported = tf.saved_model.load(os.path.join(job_dir, "model")).signatures["serving_default"](image=images)

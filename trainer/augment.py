@@ -1,9 +1,9 @@
-"""Training-time augmentation as plain, XLA-compilable tensor ops: random shifts of up to 2 pixels and
-(for clothing) horizontal flips.
+"""Training-time augmentation as plain, XLA-compilable tensor ops: random shifts of up to 2 pixels at 28x28
+(scaled with the image size: `max_shift`) and, where a mirrored image keeps its class, horizontal flips.
 
 Keras' RandomTranslation uses ImageProjectiveTransformV3, which XLA cannot compile, so it could not run
-on a TPU. Here a batch is zero-padded by MAX_SHIFT on each side and every example takes its own 28x28
-window through two batched gathers (static shapes throughout); flips are a per-example select. The
+on a TPU. Here a batch is zero-padded by the largest shift on each side and every example takes its own
+H x W window through two batched gathers (static shapes throughout); flips are a per-example select. The
 randomness is stateless: it comes only from a seed pair the input pipeline derives from (seed, epoch,
 batch), so a resumed run sees exactly the batches an uninterrupted one would. It runs in the host's
 tf.data pipeline (what Keras advises for TPUs); the model, the export and evaluation never augment.
@@ -11,7 +11,15 @@ tf.data pipeline (what Keras advises for TPUs); the model, the export and evalua
 
 from __future__ import annotations
 
-MAX_SHIFT = 2
+MAX_SHIFT = 2  # pixels, at REFERENCE_SIDE
+REFERENCE_SIDE = 28
+
+
+def max_shift(height: int, width: int) -> int:
+    """The largest shift for images of this size: MAX_SHIFT at 28 pixels, in proportion to the shorter side
+    (rounded, at least 1): 2 at 32, 3 at 36 to 48, 5 at 64."""
+    side = min(height, width)
+    return max(1, (2 * MAX_SHIFT * side + REFERENCE_SIDE) // (2 * REFERENCE_SIDE))
 
 
 def batch_seed(seed: int, epoch: int, batch_index):

@@ -34,6 +34,26 @@ def _positive_int_list(text: str, what: str = "filter count") -> Tuple[int, ...]
     return values
 
 
+IMAGE_SIDES = (4, 1024)  # pixels a side --image-size accepts
+
+
+def image_size_flag(text: str) -> Tuple[int, int]:
+    """'36' -> (36, 36); '32x48' (or '32,48') -> (32, 48): height and width."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected SIDE or HEIGHTxWIDTH in pixels such as 32 or 32x48, got {text!r}")
+    low, high = IMAGE_SIDES
+    if not all(low <= value <= high for value in values):
+        raise argparse.ArgumentTypeError(f"each side must be {low} to {high} pixels, got {text!r}")
+    return values
+
+
 def _step_range(text: str) -> Tuple[int, int]:
     try:
         values = tuple(int(part) for part in text.split(","))
@@ -89,7 +109,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 # Values an --hparams-file may set (the recipe), and the settings a checkpoint must share with the run
 # that resumes from it: the data and the recipe, except epochs (a resumed run may train longer).
 HPARAM_KEYS = {key: parse for key, (parse, _, _) in RECIPE.items()}
-RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed") + tuple(
+RESUME_KEYS = ("dataset", "train_limit", "validation_fraction", "seed", "image_size", "flip") + tuple(
     key for key in RECIPE if key != "epochs")
 LR_SCHEDULES = ("constant", "cosine")
 AUGMENTATIONS = ("none", "shift", "shift-flip", "shift-erase")
@@ -172,6 +192,8 @@ class Config:
     resume: bool = True
     class_names: str = "auto"
     hypertune: bool = False
+    image_size: Optional[Tuple[int, int]] = None  # folder: the size images are resized to (None: the most common)
+    flip: Optional[bool] = None  # mirror training images (None: where the data keeps its classes mirrored)
 
     def __post_init__(self):
         if self.preset not in PRESETS:  # checked here, not in validate: the preset fills the recipe first
@@ -187,11 +209,19 @@ class Config:
 
     @property
     def dataset_kind(self) -> str:
-        return "idx" if self.dataset.startswith("idx:") else "tfds"
+        """"idx", "folder" or "tfds"."""
+        for kind in ("idx", "folder"):
+            if self.dataset.startswith(kind + ":"):
+                return kind
+        return "tfds"
 
     @property
     def idx_dir(self) -> str:
         return self.dataset[len("idx:"):]
+
+    @property
+    def folder_dir(self) -> str:
+        return self.dataset[len("folder:"):]
 
     def augment_at(self, epoch: int) -> str:
         """The augmentation of the 0-based `epoch`: none during the first `unaugmented_epochs`."""
@@ -200,6 +230,8 @@ class Config:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["filters"] = list(self.filters)
+        if self.image_size is not None:
+            values["image_size"] = list(self.image_size)
         return values
 
 
@@ -211,13 +243,15 @@ def join_path(base: str, *parts: str) -> str:
 
 
 def _check_names_and_paths(config: Config, require) -> None:
-    """--class-names: ten distinct non-empty names; every path valid UTF-8 (TensorFlow's file names are)."""
+    """--class-names: two or more distinct non-empty names; every path valid UTF-8 (TensorFlow's file names are)."""
     if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
         names = [name.strip() for name in config.class_names.split(",")]
-        require(len(names) == 10, "--class-names must be auto, digits, fashion or ten comma-separated names")
+        require(len(names) >= 2, "--class-names must be auto, digits, fashion or one comma-separated name per class "
+                                 "(two or more)")
         require(all(names), f"--class-names {config.class_names!r}: name {names.index('') + 1 if '' in names else 0} "
                             "is empty; give every class a name")
-        require(len(set(names)) == 10, f"--class-names {config.class_names!r}: names repeat; give each class its own")
+        require(len(set(names)) == len(names),
+                f"--class-names {config.class_names!r}: names repeat; give each class its own")
     for flag, path in list(output_folders(config).items()) + [("--dataset", config.dataset),
                                                                 ("--data-dir", config.data_dir or "")]:
         try:
@@ -225,6 +259,30 @@ def _check_names_and_paths(config: Config, require) -> None:
         except UnicodeEncodeError:
             require(False, f"{flag} {path.encode('utf-8', 'surrogateescape')!r}: not valid UTF-8; TensorFlow "
                            "needs UTF-8 file names")
+
+
+def _check_dataset(config: Config, require) -> None:
+    """--dataset's syntax, and the flags that only a folder of images takes."""
+    kind = config.dataset_kind
+    if kind == "idx":
+        require(len(config.idx_dir) > 0, "--dataset idx: needs a folder, e.g. idx:/usr/share/datasets/fashion-mnist")
+    elif kind == "folder":
+        require(len(config.folder_dir) > 0, "--dataset folder: needs a folder of class subfolders, e.g. folder:photos")
+        require(not config.folder_dir.startswith("gs://"),
+                f"--dataset {config.dataset}: folder: reads a local folder (on Vertex AI, the Cloud Storage mount "
+                "/gcs/BUCKET/...)")
+    else:
+        require(bool(_TFDS_NAME.match(config.dataset)),
+                f"--dataset {config.dataset!r}: expected a TFDS name (mnist, fashion_mnist, cifar10, emnist/balanced), "
+                "idx:FOLDER or folder:DIR")
+    if config.image_size is not None:
+        require(kind == "folder", f"--image-size applies to --dataset folder:DIR only (TFDS and IDX images come at "
+                                  f"one size), not to --dataset {config.dataset}")
+        low, high = IMAGE_SIDES
+        require(all(low <= side <= high for side in config.image_size),
+                f"--image-size: each side must be {low} to {high} pixels, got {config.image_size}")
+    require(not (config.flip is False and config.augment == "shift-flip"),
+            "--no-flip contradicts --augment shift-flip; choose one")
 
 
 def validate(config: Config) -> None:
@@ -273,12 +331,7 @@ def validate(config: Config) -> None:
             f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
     require(config.strategy in STRATEGIES, f"--strategy must be one of {', '.join(STRATEGIES)}")
     require(config.jit_compile in JIT_COMPILE, f"--jit-compile must be one of {', '.join(JIT_COMPILE)}")
-    if config.dataset.startswith("idx:"):
-        require(len(config.idx_dir) > 0, "--dataset idx: needs a folder, e.g. idx:/usr/share/datasets/fashion-mnist")
-    else:
-        require(bool(_TFDS_NAME.match(config.dataset)),
-                f"--dataset {config.dataset!r}: expected a TFDS name (mnist, fashion_mnist, kmnist) "
-                "or idx:FOLDER")
+    _check_dataset(config, require)
     _check_names_and_paths(config, require)
     for flag, path in list(output_folders(config).items()) + [("--dataset idx:", config.idx_dir)]:
         if path.startswith("gs://"):
@@ -413,7 +466,8 @@ def full_recipe_hint(config: Config, seconds_per_epoch: Optional[float]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.task",
-        description="Train, evaluate and export a CNN on MNIST-format 28x28 grayscale images.",
+        description="Train, evaluate and export a CNN image classifier: TFDS datasets, MNIST-format IDX files, or a "
+                    "folder of images with one subfolder per class.",
         formatter_class=HelpFormatter,
     )
     _add_data_flags(parser)
@@ -425,8 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="mnist",
-                      help="a TFDS name (mnist, fashion_mnist, kmnist) or idx:FOLDER (local or gs://) "
-                           "holding the four MNIST-format IDX files, gzipped or not")
+                      help="a TFDS image-classification name (mnist, fashion_mnist, cifar10, emnist/balanced, ...), "
+                           "idx:FOLDER (local or gs://) holding the four MNIST-format IDX files, gzipped or not, or "
+                           "folder:DIR holding one subfolder of images per class (docs/datasets.md)")
+    data.add_argument("--image-size", type=image_size_flag, default=None, metavar="H[xW]",
+                      help="folder: only: resize every image to this size (default: the most common size among "
+                           "the images)")
+    data.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                      help="mirror training images left-right when --augment is on (default: on for TFDS photo "
+                           "datasets such as cifar10, off for digits, letters, MNIST-format data and folder: data)")
     data.add_argument("--data-dir", default=None,
                       help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     data.add_argument("--train-limit", type=int, default=None,
@@ -434,8 +495,8 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--validation-fraction", type=float, default=0.1,
                       help="share of the (limited) training split held out for validation, seeded")
     data.add_argument("--class-names", default="auto",
-                      help="auto (from TFDS, or 'fashion' when the idx folder name says so), digits, fashion, "
-                           "or ten comma-separated names")
+                      help="auto (from TFDS, a folder's subfolder names, or 'fashion' when the idx folder name says "
+                           "so), digits, fashion, or one comma-separated name per class")
 
 
 def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -457,14 +518,15 @@ def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
     recipe_flag("--dense-units", "units of the hidden dense layer", type=int)
     recipe_flag("--dropout", "dropout rate before the output layer", type=float)
     recipe_flag("--convs-per-block", "3x3 convolutions before each max-pool", type=int)
-    recipe_flag("--padding", "conv padding (same keeps 28x28 per block)", choices=PADDINGS)
+    recipe_flag("--padding", "conv padding (same keeps the image size through each block's convs)", choices=PADDINGS)
     recipe_flag("--batch-norm", "batch normalisation after each conv and the dense layer",
                 action=argparse.BooleanOptionalAction)
     recipe_flag("--lr-schedule", "constant, or cosine decay to 0 over the run (after --warmup-epochs of linear "
                 "warm-up)", choices=LR_SCHEDULES)
     recipe_flag("--warmup-epochs", "epochs of linear learning-rate warm-up from a tenth of the rate", type=float)
-    recipe_flag("--augment", "training-time augmentation: random shifts of up to 2 pixels (and horizontal flips: "
-                "fine for clothing, wrong for digits)", choices=AUGMENTATIONS)
+    recipe_flag("--augment", "training-time augmentation: random shifts of up to 2 pixels at 28x28, in proportion "
+                "for other sizes (shift-flip: and horizontal flips, whatever the data; see --flip)",
+                choices=AUGMENTATIONS)
     recipe_flag("--unaugmented-epochs", "the first N epochs train on the images as they are; --augment applies from "
                 "epoch N+1 on (plain images are learnt faster, augmented ones generalise better)", type=int)
     recipe_flag("--label-smoothing", "train towards 1 - S on the true class and S/K spread over all K classes "
@@ -605,6 +667,8 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
             profile_steps=args.profile_steps,
             resume=args.resume,
             class_names=args.class_names,
+            image_size=args.image_size,
+            flip=args.flip,
             hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),
             **values,
         )

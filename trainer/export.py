@@ -12,22 +12,27 @@ import shutil
 from typing import Optional, Sequence
 
 from trainer import atomic, model_folder
-from trainer.images import IMAGE_SIZE
 
 
-def serving_signature():
-    """The one input of `serving_default`: raw uint8 pixels, any batch size."""
+def serving_signature(model):
+    """The one input of `serving_default`: raw uint8 pixels, any batch size: [N, H, W] for a model of grey
+    images, [N, H, W, 3] for colour ones (H, W from the model's input)."""
     import tensorflow as tf
 
-    return [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE], tf.uint8, name="image")]
+    height, width, channels = model.input_shape[1:]
+    shape = [None, height, width] if channels == 1 else [None, height, width, channels]
+    return [tf.TensorSpec(shape, tf.uint8, name="image")]
 
 
 def serving_function(model):
-    """The `serving_default` computation: uint8 images [N, 28, 28] -> classes and probabilities."""
+    """The `serving_default` computation: uint8 images [N, H, W] or [N, H, W, 3] -> classes and probabilities."""
     import tensorflow as tf
 
+    grey = model.input_shape[-1] == 1
+
     def serve(image):
-        pixels = tf.cast(image, tf.float32)[..., tf.newaxis] / 255.0
+        pixels = tf.cast(image, tf.float32)
+        pixels = (pixels[..., tf.newaxis] if grey else pixels) / 255.0
         probabilities = model(pixels, training=False)
         return {"classes": tf.argmax(probabilities, axis=-1, output_type=tf.int64), "probabilities": probabilities}
 
@@ -35,7 +40,8 @@ def serving_function(model):
 
 
 def export_model(model, model_dir: str, class_names: Sequence[str], training_images: Optional[dict] = None) -> None:
-    """SavedModel (`serving_default`: uint8 image [N,28,28] -> classes [N] int64, probabilities [N,10]);
+    """SavedModel (`serving_default`: uint8 image [N,H,W] or [N,H,W,3] -> classes [N] int64, probabilities
+    [N,K]);
     `training_images` (from `images.describe_images`) goes to training_images.json when given."""
     import keras
 
@@ -46,7 +52,7 @@ def export_model(model, model_dir: str, class_names: Sequence[str], training_ima
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(name=model_folder.SIGNATURE, fn=serving_function(model),
-                             input_signature=serving_signature())
+                             input_signature=serving_signature(model))
         archive.write_out(staged, verbose=False)
         stock_model(model).save(os.path.join(staged, model_folder.KERAS_FILE))
         with open(os.path.join(staged, model_folder.CLASS_NAMES_FILE), "w") as out:

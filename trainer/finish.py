@@ -24,8 +24,12 @@ def weights_checksum(model) -> str:
 
 
 def short_name(dataset: str) -> str:
-    """`idx:/usr/share/datasets/fashion-mnist` -> `fashion-mnist`, for plot titles."""
-    return os.path.basename(dataset[len("idx:"):].rstrip("/")) if dataset.startswith("idx:") else dataset
+    """`idx:/usr/share/datasets/fashion-mnist` -> `fashion-mnist` (and `folder:DIR` -> DIR's name), for plot
+    titles."""
+    for prefix in ("idx:", "folder:"):
+        if dataset.startswith(prefix):
+            return os.path.basename(dataset[len(prefix):].rstrip("/"))
+    return dataset
 
 
 def final_metrics(config: Config, resolved, splits, history: List[dict], test: Sequence[float],
@@ -58,7 +62,8 @@ def write_outputs(config: Config, outputs, model, splits, metrics: dict, predict
     summaries.image("misclassified", misclassified, step=config.epochs)
     with writing(f"--model-dir {config.model_dir}: cannot write the model",
                  "the previous model there, if any, is untouched; the checkpoints are kept, so a rerun exports again"):
-        export.export_model(model, outputs.model_dir, splits.class_names, describe_images(splits.train[0]))
+        export.export_model(model, outputs.model_dir, splits.class_names,
+                            describe_images(splits.train[0], splits.class_names, splits.preprocess))
     if not outputs.is_chief:
         return
     outputs.publish_model()

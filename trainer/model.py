@@ -1,39 +1,49 @@
-"""build_model(config): the seed CNN, parameterised by conv filters, dense units and dropout.
+"""build_model(config, shape): the seed CNN, parameterised by conv filters, dense units and dropout.
 
 Conv2D(f, 3, relu) (x convs_per_block) + MaxPool(2) per entry of `filters`, then Flatten,
-Dense(dense_units, relu), Dropout(dropout), Dense(10, softmax); optional batch normalisation.
+Dense(dense_units, relu), Dropout(dropout), Dense(K, softmax); optional batch normalisation.
 Augmentation is not part of the model: it happens in the input pipeline (trainer.augment), so the
-exported model never augments. Input named `image`: float32 [N, 28, 28, 1] in [0, 1].
+exported model never augments. Input named `image`: float32 [N, H, W, C] in [0, 1], where H, W, C and the
+number of classes K come from the data (`images.ImageShape`; MNIST's 28x28x1 and 10 by default).
 The model knows nothing about data or strategies; build it inside `strategy.scope()`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Sequence, Tuple
 
 from trainer.errors import TrainerError
-from trainer.images import IMAGE_SIZE, NUM_CLASSES
+from trainer.images import MNIST_SHAPE, ImageShape
 
 
-def feature_map_sizes(filters: Sequence[int], size: int = IMAGE_SIZE, convs_per_block: int = 1,
+def _after_block(size: int, shrink: int) -> int:
+    return (size - shrink) // 2
+
+
+def feature_map_sizes(filters: Sequence[int], size=MNIST_SHAPE.height, convs_per_block: int = 1,
                       padding: str = "valid") -> list:
-    """Spatial size after each block (3x3 convs, then a 2x2 pool); raises when a block has nothing left."""
+    """Spatial size after each block (3x3 convs, then a 2x2 pool); raises when a block has nothing left.
+    `size` is the input's side, or its (height, width); the sizes returned are (height, width) pairs then."""
     shrink = 2 * convs_per_block if padding == "valid" else 0
-    sizes = []
+    square = isinstance(size, int)
+    height, width = (size, size) if square else size
+    first = (height, width)
+    sizes: list = []
     for block, _ in enumerate(filters, start=1):
-        after_convs = size - shrink
-        if after_convs < 2:
+        if min(height, width) - shrink < 2:
+            shown = f"{first[0]}x{first[1]}"
             raise TrainerError(f"--filters {','.join(map(str, filters))}: {len(filters)} conv blocks are too "
-                               f"deep for {IMAGE_SIZE}x{IMAGE_SIZE} images (block {block} gets a {size}x{size} "
-                               f"input; at most {max_blocks(IMAGE_SIZE, shrink)} blocks fit with "
+                               f"deep for {shown} images (block {block} gets a {height}x{width} "
+                               f"input; at most {max_blocks(min(first), shrink)} blocks fit with "
                                f"--padding {padding} and --convs-per-block {convs_per_block})")
-        size = after_convs // 2
-        sizes.append(size)
+        height, width = _after_block(height, shrink), _after_block(width, shrink)
+        sizes.append(height if square else (height, width))
     return sizes
 
 
-def max_blocks(size: int = IMAGE_SIZE, shrink: int = 2) -> int:
+def max_blocks(size: int = MNIST_SHAPE.height, shrink: int = 2) -> int:
+    """How many conv blocks fit an input whose shorter side is `size`."""
     blocks = 0
     while size - shrink >= 2:
         size = (size - shrink) // 2
@@ -41,16 +51,19 @@ def max_blocks(size: int = IMAGE_SIZE, shrink: int = 2) -> int:
     return blocks
 
 
-def check_fits(config, replicas: int = 1) -> None:
-    """The network fits 28x28 inputs, and its training needs fit this machine's memory (before allocating)."""
-    feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
-    needed, available = training_memory_bytes(config, config.batch_size // max(replicas, 1)), physical_memory()
+def check_fits(config, replicas: int = 1, shape: ImageShape = MNIST_SHAPE) -> None:
+    """The network fits the data's images, and its training needs fit this machine's memory (before
+    allocating)."""
+    feature_map_sizes(config.filters, (shape.height, shape.width), convs_per_block=config.convs_per_block,
+                      padding=config.padding)
+    needed = training_memory_bytes(config, config.batch_size // max(replicas, 1), shape)
+    available = physical_memory()
     if available and needed > available:
         gib = 1024 ** 3
         raise TrainerError(f"the model is too large for this machine: --filters {','.join(map(str, config.filters))} "
                            f"--dense-units {config.dense_units} --batch-size {config.batch_size} need about "
-                           f"{needed / gib:,.1f} GiB for weights, optimizer state and activations, and the machine "
-                           f"has {available / gib:,.1f} GiB; lower them")
+                           f"{needed / gib:,.1f} GiB for weights, optimizer state and activations ({shape.text()}), "
+                           f"and the machine has {available / gib:,.1f} GiB; lower them")
 
 
 def physical_memory() -> int:
@@ -61,23 +74,24 @@ def physical_memory() -> int:
         return 0
 
 
-def training_memory_bytes(config, batch_size: int) -> int:
+def training_memory_bytes(config, batch_size: int, shape: ImageShape = MNIST_SHAPE) -> int:
     """A lower estimate of what one replica's training step holds, float32: each weight four times (the
     weight, its gradient, Adam's two moments) and each layer's activations about twice (forward output and
     its gradient; three times with batch norm). Real use is higher, so only a model that cannot fit is refused."""
-    size, channels, weights, activations = IMAGE_SIZE, 1, 0, 0
+    size: Tuple[int, int] = (shape.height, shape.width)
+    channels, weights, activations, classes = shape.channels, 0, 0, shape.num_classes
     per_activation = 3 if config.batch_norm else 2
-    sizes = feature_map_sizes(config.filters, convs_per_block=config.convs_per_block, padding=config.padding)
+    sizes = feature_map_sizes(config.filters, size, convs_per_block=config.convs_per_block, padding=config.padding)
     for filters, pooled in zip(config.filters, sizes, strict=True):
         for _ in range(config.convs_per_block):
-            size = size if config.padding == "same" else size - 2
+            size = size if config.padding == "same" else (size[0] - 2, size[1] - 2)
             weights += 9 * channels * filters + filters
-            activations += batch_size * size * size * filters * per_activation
+            activations += batch_size * size[0] * size[1] * filters * per_activation
             channels = filters
         size = pooled
-    flat = size * size * channels
-    weights += flat * config.dense_units + config.dense_units + config.dense_units * NUM_CLASSES + NUM_CLASSES
-    activations += batch_size * (flat + config.dense_units * per_activation + NUM_CLASSES)
+    flat = size[0] * size[1] * channels
+    weights += flat * config.dense_units + config.dense_units + config.dense_units * classes + classes
+    activations += batch_size * (flat + config.dense_units * per_activation + classes)
     return 4 * (4 * weights + activations)
 
 
@@ -158,8 +172,9 @@ def stock_model(model):
     return copy
 
 
-def build_model(config, bn_momentum: float = 0.9):
-    """A Keras Functional model; the output layer computes in float32 whatever the policy.
+def build_model(config, bn_momentum: float = 0.9, shape: ImageShape = MNIST_SHAPE):
+    """A Keras Functional model for `shape`'s images and classes; the output layer computes in float32
+    whatever the policy.
 
     With the seed's settings (one valid conv per block, no batch norm) this is exactly
     the seed notebook's network. Batch normalisation uses momentum 0.9 so that its moving averages keep
@@ -168,9 +183,9 @@ def build_model(config, bn_momentum: float = 0.9):
     """
     import keras
 
-    check_fits(config)  # a clear error before Keras reports a negative dimension
+    check_fits(config, shape=shape)  # a clear error before Keras reports a negative dimension
     batch_norm = fused_batch_norm_layer() if config.batch_norm else None
-    inputs = keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1), name="image")
+    inputs = keras.Input(shape=shape.input_shape, name="image")
     x = inputs
     for block, filters in enumerate(config.filters, start=1):
         for conv in range(1, config.convs_per_block + 1):
@@ -190,7 +205,7 @@ def build_model(config, bn_momentum: float = 0.9):
     else:
         x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
     x = keras.layers.Dropout(config.dropout, seed=config.seed, name="dropout")(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
+    outputs = keras.layers.Dense(shape.num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
 
 

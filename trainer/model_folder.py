@@ -292,8 +292,9 @@ _SHAPE_CHOICES = dict(channels=(1, 3), preprocess=("resize", "frame"))
 
 
 def write_training_images(folder: str, description: dict) -> None:
-    """training_images.json in an export's folder: `description` (from `images.describe_images`) and its version.
-    Readers ignore keys they do not know, so later versions may add some (the image shape, its channels)."""
+    """training_images.json in an export's folder: `description` (from `images.describe_images`: the
+    statistics, height, width, channels, class_names and preprocess) and its version. Readers ignore keys
+    they do not know, so later versions may add some."""
     with open(os.path.join(folder, TRAINING_IMAGES_FILE), "w", encoding="utf-8") as out:
         json.dump({"version": TRAINING_IMAGES_VERSION, **description}, out, indent=1)
         out.write("\n")

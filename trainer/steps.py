@@ -19,7 +19,7 @@ import numpy as np
 
 from trainer import data as data_lib
 from trainer.config import Config
-from trainer.images import IMAGE_SIZE
+from trainer.images import MNIST_SHAPE, ImageShape
 
 EVAL_BATCH_SIZE = 1000
 # Keras clips probabilities to [1e-7, 1], so an honest cross-entropy never exceeds -ln(1e-7) = 16.1 per
@@ -69,8 +69,9 @@ def learning_rate_at(config: Config, steps_per_epoch: int):
 
 
 def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
-                initial_weights: Optional[list] = None) -> TrainState:
-    """Model, optimizer and counters, seeded and built inside the strategy's scope."""
+                initial_weights: Optional[list] = None, shape: ImageShape = MNIST_SHAPE) -> TrainState:
+    """Model (for `shape`'s images and classes), optimizer and counters, seeded and built inside the
+    strategy's scope."""
     import keras
     import tensorflow as tf
 
@@ -78,7 +79,7 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
-        model = build_model(config, batch_norm_momentum(steps_per_epoch))
+        model = build_model(config, batch_norm_momentum(steps_per_epoch), shape)
         optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
         if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -248,10 +249,10 @@ def make_statistics_sync(strategy, model):
 
 
 def make_predict_function(model, jit_compile: Optional[bool] = None):
-    """float32 probabilities for float images [N, 28, 28, 1], inference mode."""
+    """float32 probabilities for float images [N, H, W, C] (the model's static input shape), inference mode."""
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32)], autograph=False,
+    @tf.function(input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)], autograph=False,
                  jit_compile=jit_compile)
     def predict(images):
         return tf.cast(model(images, training=False), tf.float32)

@@ -92,6 +92,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if config.dataset_kind == "tfds":
                 from trainer.data import check_tfds_offline
                 check_tfds_offline(config.dataset, config.data_dir)  # before the heavy imports
+            elif config.dataset_kind == "folder":
+                from trainer.image_folder import scan_folder
+                scan_folder(config.folder_dir)  # its layout, before the heavy imports
             if _already_complete(config):
                 return 0
             from trainer.train import train_and_evaluate

@@ -49,9 +49,10 @@ def train_and_evaluate(config: Config, splits: Optional[data_lib.Splits] = None,
     require_tensorflow()
     import keras
 
-    from trainer.model import check_fits
-
-    check_fits(config)  # a model too deep for 28x28 fails before any I/O-heavy work
+    known_size = data_lib.known_image_size(config.dataset)
+    if known_size is not None:  # a model too deep for a known image size fails before any I/O-heavy work
+        model_lib.feature_map_sizes(config.filters, known_size, convs_per_block=config.convs_per_block,
+                                    padding=config.padding)
     from trainer import distribute
 
     if resolved is None:
@@ -83,6 +84,9 @@ def _run(config: Config, splits, resolved, policy: str, log, extras: Extras) -> 
 def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs, extras: Extras) -> dict:
     """The story of a run, once the outputs are ready."""
     splits = splits or data_lib.load_splits(config)
+    shape = splits.shape
+    # a model too deep for the data's images, or too large for the machine, fails before building it
+    model_lib.check_fits(config, resolved.num_replicas, shape)
     steps = data_lib.steps_per_epoch(len(splits.train[0]), config.batch_size)
     if steps < 1:
         raise TrainerError(f"--batch-size {config.batch_size} is larger than the {len(splits.train[0])} training "
@@ -91,12 +95,12 @@ def _train(config: Config, splits, resolved, policy: str, log, outputs: Outputs,
         raise TrainerError(f"--profile-steps {config.profile_steps[0]},{config.profile_steps[1]}: this run has only "
                            f"{steps * config.epochs} steps ({config.epochs} epoch(s) of {steps}), so nothing would be "
                            "profiled; choose steps within the run")
-    log(f"dataset {splits.name}: {len(splits.train[0])} train, {len(splits.validation[0])} validation, "
-        f"{len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
+    log(f"dataset {splits.name}: {shape.text()}; {len(splits.train[0])} train, {len(splits.validation[0])} "
+        f"validation, {len(splits.test[0])} test examples; strategy {resolved.name} with {resolved.num_replicas} "
         f"replica(s){', ' + policy if policy != 'float32' else ''}{', XLA' if extras.jit_compile else ''}; "
         f"{steps} steps of {config.batch_size} per epoch")
 
-    state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights)
+    state = steps_lib.build_state(config, resolved.strategy, policy, steps, extras.initial_weights, shape)
     log(outputs.write_model_summary(model_lib.summary(state.model)))
     checkpoints = Checkpoints(config, outputs, state.checkpoint, steps, state.restorable, state.stash)
     history = checkpoints.restore()
@@ -162,7 +166,8 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
             first = initial_step if epoch == initial_epoch else 0
             iterator = iter(resolved.strategy.distribute_datasets_from_function(
                 lambda context, epoch=epoch, first=first: data_lib.train_dataset(
-                    train_tensors, config.batch_size, config.seed, epoch, context, first, config.augment_at(epoch))))
+                    train_tensors, config.batch_size, config.seed, epoch, context, first,
+                    data_lib.epoch_augment(config, splits, epoch))))
             observers.on_epoch_begin(epoch)
             carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,

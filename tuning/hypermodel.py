@@ -36,7 +36,7 @@ class TrainerHyperModel(kt.HyperModel):
     def build(self, hp):
         from trainer.model import build_model
 
-        return build_model(self.trial_config(hp))
+        return build_model(self.trial_config(hp), shape=self.splits.shape)
 
     def fit(self, hp, model, *args, callbacks: Sequence = (), epochs: Optional[int] = None, initial_epoch: int = 0,
             trial_id: str = "", **kwargs):

@@ -26,7 +26,7 @@ import os
 import sys
 from typing import List, Mapping, MutableMapping, Optional, Sequence
 
-from trainer.config import MAX_CLUSTER_WAIT, PRESETS, Config, HelpFormatter
+from trainer.config import MAX_CLUSTER_WAIT, PRESETS, Config, HelpFormatter, image_size_flag
 from trainer.errors import Interrupted, TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
@@ -92,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs of the retraining (default: the preset's epochs)")
 
     data = parser.add_argument_group("data and fixed settings (as trainer.task)")
-    data.add_argument("--dataset", default="mnist", help="a TFDS name or idx:FOLDER, as trainer.task")
+    data.add_argument("--dataset", default="mnist", help="a TFDS name, idx:FOLDER or folder:DIR, as trainer.task")
     data.add_argument("--data-dir", default=None, help="TFDS data folder (default: TFDS's own)")
+    data.add_argument("--image-size", type=image_size_flag, default=None, metavar="H[xW]",
+                      help="folder: only: the size images are resized to (default: the most common one)")
+    data.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                      help="mirror training images while augmenting (default: by the data, as trainer.task)")
     data.add_argument("--train-limit", type=int, default=None,
                       help="use at most this many training examples (default: all)")
     data.add_argument("--validation-fraction", type=float, default=0.1,
@@ -145,18 +149,30 @@ def parse(argv: Optional[Sequence[str]]):
     try:
         base = Config(job_dir=args.job_dir, dataset=args.dataset, data_dir=args.data_dir, train_limit=args.train_limit,
                       validation_fraction=args.validation_fraction, seed=args.seed, preset=args.preset,
-                      strategy="default", **preset)
+                      strategy="default", image_size=args.image_size, flip=args.flip, **preset)
     except ValueError as error:
         parser.error(str(error))
-    from trainer.images import IMAGE_SIZE
+    from trainer.data import known_image_size
+
+    size = known_image_size(base.dataset)
+    if size is not None:  # else checked once the data is loaded
+        try:
+            check_blocks(args.blocks, base, size)
+        except TrainerError as error:
+            parser.error(str(error))
+    return args, space, base
+
+
+def check_blocks(blocks: int, base: Config, size) -> None:
+    """A TrainerError when --blocks conv blocks do not fit images of `size` (height, width)."""
     from trainer.model import feature_map_sizes
 
     try:
-        feature_map_sizes((1,) * args.blocks, convs_per_block=base.convs_per_block, padding=base.padding)
+        feature_map_sizes((1,) * blocks, tuple(size), convs_per_block=base.convs_per_block, padding=base.padding)
     except TrainerError:
-        parser.error(f"--blocks {args.blocks}: too many conv blocks for {IMAGE_SIZE}x{IMAGE_SIZE} images with "
-                     f"--preset {args.preset} (--convs-per-block {base.convs_per_block}, --padding {base.padding})")
-    return args, space, base
+        raise TrainerError(f"--blocks {blocks}: too many conv blocks for {size[0]}x{size[1]} images with --preset "
+                           f"{base.preset} (--convs-per-block {base.convs_per_block}, --padding {base.padding})"
+                           ) from None
 
 
 def gcs_mount(url: str) -> str:
@@ -175,6 +191,9 @@ def search_settings(args, space: SearchSpace, base: Config) -> dict:
                 "--filter-choices": list(space.filter_choices), "--dropout-range": str(space.dropout),
                 "--dense-units-choices": list(space.dense_units_choices),
                 "--learning-rate-choices": list(space.learning_rate_choices), "--tuner": args.tuner}
+    for flag, value in (("--image-size", base.image_size), ("--flip", base.flip)):
+        if value is not None:  # recorded only when given, so searches made before these flags still compare
+            settings[flag] = list(value) if isinstance(value, tuple) else value
     if args.tuner == "hyperband":
         settings.update({"--max-epochs": args.max_epochs or HYPERBAND_MAX_EPOCHS,
                          "--hyperband-factor": args.hyperband_factor})
@@ -440,6 +459,7 @@ def _search(args, space, base, job_dir: str, project_dir: str, is_chief: bool) -
     from tuning.hypermodel import TrainerHyperModel
 
     splits = data_lib.load_splits(base)  # once, shared by every trial of this process
+    check_blocks(space.blocks, base, splits.shape[:2])
     hypermodel = TrainerHyperModel(base, space, splits, job_dir)
     tuner = make_tuner(args, hypermodel, project_dir)
     show_trial_values(tuner, space, base)
