@@ -181,6 +181,19 @@ def test_a_folder_of_coloured_jpegs_trains_to_85_percent(tmp_path, fashion_dir):
                             capture_output=True, text=True, timeout=300)
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == ["uint8", [None, 36, 36, 3], [2, 4]], loaded.stderr
 
+    # predict, as a user runs it, on one image of each class folder: each line names one of the folder's classes
+    # in its class field (`INDEX (NAME)`), the image's own for (nearly) all of them
+    images = [os.path.join(folder, name, "0001.jpg") for name in sorted(GARMENTS.values())]
+    predicted = subprocess.run([sys.executable, "-m", "trainer.predict", "--model-dir", os.path.join(job_dir, "model"),
+                                *images], env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0 and predicted.stderr.strip() == "", predicted.stderr[-3000:]
+    lines = [line.split("\t") for line in predicted.stdout.strip().splitlines()]
+    assert [line[0] for line in lines] == images
+    named = [line[1].split(" (")[1].rstrip(")") for line in lines]
+    assert set(named) <= set(GARMENTS.values()), named
+    assert sum(name == os.path.basename(os.path.dirname(path)) for name, path in zip(named, images, strict=True)) \
+        >= 3, (named, images)
+
 
 def write_pngs(folder, name, count, grey=False, side=12, seed=0):
     from PIL import Image

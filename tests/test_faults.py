@@ -594,7 +594,8 @@ def test_deploy_refuses_requests_that_can_only_fail_in_the_cloud(case):
 
 @pytest.mark.parametrize("names,fragment", [("a,,c,d,e,f,g,h,i,j", "name 2 is empty"),
                                             ("a,b,c,d,e,f,g,h,i, ", "name 10 is empty"),
-                                            ("a,a,c,d,e,f,g,h,i,j", "names repeat")])
+                                            ("a,a,c,d,e,f,g,h,i,j", "names repeat"),
+                                            ("a,b\nc,d", "name 2 holds a tab, newline or other control")])
 def test_class_names_predict_would_refuse_are_refused_at_once(names, fragment, tmp_path):
     started = time.monotonic()
     code, _, err = run_task(["--class-names", names, "--job-dir", str(tmp_path / "job")])

@@ -243,7 +243,8 @@ def join_path(base: str, *parts: str) -> str:
 
 
 def _check_names_and_paths(config: Config, require) -> None:
-    """--class-names: two or more distinct non-empty names; every path valid UTF-8 (TensorFlow's file names are)."""
+    """--class-names: two or more distinct, non-empty, printable names; every path valid UTF-8 (as TensorFlow's
+    file names are)."""
     if config.class_names not in ("auto",) + tuple(CLASS_NAME_SETS):
         names = [name.strip() for name in config.class_names.split(",")]
         require(len(names) >= 2, "--class-names must be auto, digits, fashion or one comma-separated name per class "
@@ -252,6 +253,9 @@ def _check_names_and_paths(config: Config, require) -> None:
                             "is empty; give every class a name")
         require(len(set(names)) == len(names),
                 f"--class-names {config.class_names!r}: names repeat; give each class its own")
+        unprintable = [number for number, name in enumerate(names, start=1) if not name.isprintable()]
+        require(not unprintable, f"--class-names {config.class_names!r}: name {unprintable[0] if unprintable else 0} "
+                                 "holds a tab, newline or other control character; names are printed one per line")
     for flag, path in list(output_folders(config).items()) + [("--dataset", config.dataset),
                                                                 ("--data-dir", config.data_dir or "")]:
         try:
