@@ -58,6 +58,23 @@ def test_two_tfds_datasets_of_different_shapes_train_and_export_in_one_process(t
     assert len(read_metrics(str(tmp_path / "cifar10"))["class_names"]) == 10
 
 
+def test_emnist_images_are_turned_upright_and_other_datasets_left_as_they_are():
+    """TFDS keeps EMNIST's images as its files store them, transposed (a letter's rows are its columns); the
+    loader turns them upright. cifar10 is loaded pixel for pixel as TFDS serves it."""
+    import tensorflow_datasets as tfds
+
+    from trainer.data import load_tfds
+
+    with tfds.testing.mock_data(num_examples=16, policy=tfds.testing.MockPolicy.USE_CODE):
+        for name, turned in (("emnist/balanced", True), ("cifar10", False)):
+            served = np.concatenate([images for images, _ in tfds.as_numpy(
+                tfds.builder(name).as_dataset(split="train", as_supervised=True).batch(16))])
+            arrays, _, _ = load_tfds(name, None)
+            if turned:
+                served = np.swapaxes(served[..., 0], 1, 2)
+            assert np.array_equal(arrays["train_images"], served), name
+
+
 def test_flips_follow_the_dataset_unless_a_flag_says():
     from trainer.config import Config
     from trainer.data import FLIP_SAFE_TFDS, Splits, epoch_augment, tfds_base

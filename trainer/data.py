@@ -278,6 +278,11 @@ def _tfds_split(tfds, builder, split: str, shape: Tuple[int, int, int]) -> Tuple
     return (stacked.reshape(-1, shape[0], shape[1]) if shape[2] == 1 else stacked), np.concatenate(labels)
 
 
+# TFDS datasets whose images are stored transposed (EMNIST's files are, and TFDS keeps them so): the loader
+# turns them upright, so that the model learns letters as they are written and predict reads them so.
+TRANSPOSED_TFDS = ("emnist",)
+
+
 def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...], int]:
     """Arrays of a TFDS image-classification dataset, downloading it on first use; its class names (may be
     empty) and number of classes. A dataset without a test split gets one held out from its training split."""
@@ -307,6 +312,9 @@ def load_tfds(name: str, data_dir: Optional[str]) -> Tuple[dict, Tuple[str, ...]
         train, test = holdout_test(*train)
     else:
         test = _tfds_split(tfds, builder, "test", shape)
+    if builder.name in TRANSPOSED_TFDS:  # stored as the original files hold them: each image's rows are its columns
+        train, test = (np.ascontiguousarray(np.swapaxes(train[0], 1, 2)), train[1]), \
+            (np.ascontiguousarray(np.swapaxes(test[0], 1, 2)), test[1])
     arrays = dict(train_images=train[0], train_labels=train[1], test_images=test[0], test_labels=test[1])
     return arrays, tuple(getattr(features["label"], "names", None) or ()), num_classes
 
