@@ -321,10 +321,15 @@ def test_a_model_dir_bucket_cloud_storage_refuses_is_exit_2_at_once():
 def test_a_path_or_class_name_with_a_newline_stays_one_output_line(model_copy, digit_png, tmp_path, capfd):
     odd = str(tmp_path / "two\nlines.png")
     shutil.copy(digit_png, odd)
-    with open(os.path.join(model_copy, "class_names.json")) as handle:
-        names = json.load(handle)
-    with open(os.path.join(model_copy, "class_names.json"), "w") as handle:
-        json.dump([name + "\nx" for name in names], handle)
+    for name in ("class_names.json", "training_images.json"):  # both record the names
+        with open(os.path.join(model_copy, name)) as handle:
+            recorded = json.load(handle)
+        if isinstance(recorded, dict):
+            recorded["class_names"] = [class_name + "\nx" for class_name in recorded["class_names"]]
+        else:
+            recorded = [class_name + "\nx" for class_name in recorded]
+        with open(os.path.join(model_copy, name), "w") as handle:
+            json.dump(recorded, handle)
     capfd.readouterr()
     code, out, err, _ = predict_in_process(capfd, model_copy, odd)
     assert code == 0 and err == "", err
