@@ -363,6 +363,69 @@ def test_two_runs_with_one_checkpoint_dir_the_second_is_refused(digits_idx, tmp_
     assert not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.slow
+def test_no_resume_with_a_gs_checkpoint_dir_deletes_only_the_checkpoints_own_objects(digits_idx, tmp_path):
+    """--no-resume clears a gs:// checkpoint folder as it clears a local one: the old run's checkpoint files go,
+    objects the trainer did not write stay (real fake-gcs-server)."""
+    from helpers import fake_gcs_server
+
+    with fake_gcs_server() as client:
+        bucket = client.create_bucket("faults-ckpt")
+        foreign = {"users-notes.txt": b"keep me", "sub/train.csv": b"1,2,3", "ckpt-notes/readme.txt": b"mine"}
+        for name, data in {**foreign, "ckpt-999.index": b"old", "history.json": b"[]"}.items():
+            bucket.blob(f"data/{name}").upload_from_string(data)
+        code, _, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                                 "--epochs", "1", "--no-resume", "--job-dir", str(tmp_path / "job"),
+                                 "--checkpoint-dir", "gs://faults-ckpt/data"])
+        assert code == 0, err
+        stored = {blob.name[len("data/"):]: blob for blob in bucket.list_blobs(prefix="data/")}
+        for name, data in foreign.items():
+            assert name in stored and stored[name].download_as_bytes() == data, sorted(stored)
+        assert "ckpt-999.index" not in stored and "run_config.json" in stored and "checkpoint" in stored
+        assert json.loads(stored["history.json"].download_as_bytes())[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], []], ids=["overwrite", "plain"])
+def test_a_search_refuses_a_folder_holding_its_names_without_a_search_and_touches_nothing(flags, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    job = tmp_path / "x"
+    (job / "logs").mkdir(parents=True)
+    (job / "trials").mkdir()
+    (job / "logs" / "app.log").write_text("keep")
+    before = file_snapshot(job)
+    result = main_in_fresh_interpreter("tuning.task", [*flags, "--dataset", "idx:/nonexistent", "--job-dir", str(job)])
+    assert_brief(result["code"], result["err"], 1, f"--job-dir {job}: holds trials/, logs/ but no search",
+                 seconds=result["seconds"], bound=10)
+    assert not result["heavy"] and file_snapshot(job) == before and sorted(os.listdir(job)) == ["logs", "trials"]
+
+
+def test_overwrite_deletes_only_a_searchs_own_files(tmp_path):
+    from tuning.task import SETTINGS_FILE, build_parser, check_job_dir
+
+    job = tmp_path / "search"
+    (job / "keras_tuner" / "mnist_cnn").mkdir(parents=True)
+    (job / "keras_tuner" / "mnist_cnn" / "oracle.json").write_text("{}")
+    (job / "logs").mkdir()
+    (job / SETTINGS_FILE).write_text("{}")
+    (job / "notes.txt").write_text("mine")
+    args = build_parser().parse_args(["--overwrite", "--job-dir", str(job)])
+    check_job_dir(args, {"tuner": "random"}, str(job))
+    assert sorted(os.listdir(job)) == ["notes.txt", SETTINGS_FILE]
+    assert json.loads((job / SETTINGS_FILE).read_text()) == {"tuner": "random"}
+
+
+@pytest.mark.parametrize("module,args", [("tuning.task", ["--job-dir", ""]), ("trainer.task", ["--job-dir", ""]),
+                                         ("trainer.task", ["--hparams-file", "", "--job-dir", "/tmp/unused-job"])])
+def test_an_empty_path_is_refused_not_replaced(module, args):
+    from helpers import main_in_fresh_interpreter
+
+    result = main_in_fresh_interpreter(module, args)
+    flag = args[0]
+    assert_brief(result["code"], result["err"], 2, f"{flag} is empty", seconds=result["seconds"], bound=5)
+    assert not result["heavy"]
+
+
 # ------------------------------------------------------------------------------------- hangs: bounded
 
 GRID = "0.1:0.5:1e-9"

@@ -26,6 +26,12 @@ RUN_CONFIG_FILE = "run_config.json"
 MAX_TO_KEEP = 2
 
 
+def is_checkpoint_file(name: str) -> bool:
+    """A name the trainer's checkpoints use in their folder (`ckpt-N.*`, TensorFlow's `checkpoint` index,
+    history.json, run_config.json): the only files --no-resume and a checkpoint rotation ever delete."""
+    return "/" not in name and (name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE))
+
+
 def resume_settings(config: Config) -> dict:
     values = config.to_dict()
     return {key: values[key] for key in RESUME_KEYS}
@@ -150,7 +156,7 @@ class Checkpoints:
     def clear(self) -> None:
         folder = self.outputs.checkpoint_dir
         for name in os.listdir(folder):
-            if name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE):
+            if is_checkpoint_file(name):
                 os.remove(os.path.join(folder, name))
 
     @property

@@ -564,6 +564,9 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     """Parse the command line into a Config; exits 2 (argparse style) on any syntax or range error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, value in (("--job-dir", args.job_dir), ("--hparams-file", args.hparams_file)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} is empty; leave the flag out for its default")
     preset = PRESETS[args.preset]
     from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
 

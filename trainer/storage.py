@@ -14,7 +14,7 @@ import functools
 import os
 import time
 import uuid
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 from trainer.errors import TrainerError
 
@@ -206,8 +206,10 @@ def is_lock_name(name: str) -> bool:
     return base == ".lock" or (base.startswith(".") and base.endswith(".lock"))
 
 
-def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = ()) -> None:
-    """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions."""
+def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = (),
+            deletable: Callable[[str], bool] = lambda name: True) -> None:
+    """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions
+    (with `mirror_deletions`: the objects the local folder no longer holds whose names `deletable` accepts)."""
     remote = list_objects(url)
     local = sorted(_local_files(local_dir), key=lambda name: name in set(last))
     for name in local:
@@ -216,7 +218,7 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
         if blob is None or blob.size != os.path.getsize(path) or blob.crc32c != _crc32c(path):
             upload_file(path, f"{url.rstrip('/')}/{name}")
     if mirror_deletions:  # a run's locks (the job dir's .lock, a folder's .NAME.lock) are not the sync's to delete
-        for name in {name for name in remote if not is_lock_name(name)} - set(local):
+        for name in {name for name in remote if not is_lock_name(name) and deletable(name)} - set(local):
             call(functools.partial(remote[name].delete, retry=None, timeout=TIMEOUT),
                  f"deleting {url.rstrip('/')}/{name}")
 

@@ -125,6 +125,8 @@ def parse(argv: Optional[Sequence[str]]):
                      f"{args.cluster_wait:g}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    if not args.job_dir.strip():
+        parser.error("--job-dir is empty; name the search's folder")
     if args.job_dir.startswith("gs://"):
         parser.error(f"--job-dir {args.job_dir}: KerasTuner needs a folder all workers share, not a gs:// URL; "
                      f"on Vertex AI pass the Cloud Storage mount {gcs_mount(args.job_dir)} (deploy.vertex tune "
@@ -306,7 +308,9 @@ def check_project_files(job_dir_flag: str, project_dir: str) -> None:
 
 def check_job_dir(args, settings: dict, job_dir: str) -> None:
     """The chief's look at --job-dir before anything heavy is imported: an existing search is reused only
-    with --resume and the same settings (else nothing there changes), or deleted with --overwrite."""
+    with --resume and the same settings (else nothing there changes), or deleted with --overwrite. A folder
+    holding the names a search writes (logs/, trials/...) but no search (neither search_settings.json nor
+    oracle.json) is refused untouched: those files are someone else's."""
     import shutil
 
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
@@ -316,6 +320,12 @@ def check_job_dir(args, settings: dict, job_dir: str) -> None:
         raise TrainerError(f"--job-dir {args.job_dir}: holds a trainer run ({', '.join(found)}), not a search; "
                            "a search needs a folder of its own: choose another --job-dir (nothing there was changed)")
     exists = os.path.exists(os.path.join(project_dir, "oracle.json"))
+    named = [name + ("/" if os.path.isdir(os.path.join(job_dir, name)) else "") for name in SEARCH_OUTPUTS
+             if os.path.lexists(os.path.join(job_dir, name))]
+    if named and not (exists or os.path.lexists(settings_path)):
+        raise TrainerError(f"--job-dir {args.job_dir}: holds {', '.join(named)} but no search (no {SETTINGS_FILE} or "
+                           f"keras_tuner/{PROJECT}/oracle.json), files a search would mix with its own or, with "
+                           "--overwrite, delete; choose another --job-dir (nothing there was changed)")
     if exists and not (args.resume or args.overwrite):
         raise TrainerError(f"--job-dir {args.job_dir}: a search already exists there ({project_dir}); pass "
                            "--resume to continue it, --overwrite to start over, or choose another --job-dir")
