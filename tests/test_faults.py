@@ -449,6 +449,50 @@ def test_what_could_hang_is_refused_at_once(case, tmp_path):
     assert not os.path.exists(tmp_path / "job")
 
 
+def _fifo(path):
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["--hparams-file", "history.json", "run_config.json"])
+def test_a_named_pipe_where_the_trainer_reads_a_file_is_refused_at_once(case, tmp_path):
+    """Each of these blocked forever in open() (a pipe with no writer)."""
+    job = tmp_path / "job"
+    if case == "--hparams-file":
+        args, fragment = ["--hparams-file", _fifo(tmp_path / "best.json")], f"--hparams-file {tmp_path / 'best.json'}"
+    else:
+        (job / "checkpoints").mkdir(parents=True)
+        _fifo(job / "checkpoints" / case)
+        args, fragment = ["--dataset", "idx:/nonexistent"], str(job / "checkpoints" / case)
+    code, _, err, seconds = _cli("trainer.task", [*args, "--job-dir", str(job)], timeout=30)
+    assert_brief(code, err, 1, fragment, "is a named pipe, not a regular file", seconds=seconds, bound=10)
+
+
+def test_a_search_resumed_with_a_named_pipe_for_its_settings_is_refused_at_once(tmp_path):
+    project = tmp_path / "search" / "keras_tuner" / "mnist_cnn"
+    project.mkdir(parents=True)
+    (project / "oracle.json").write_text("{}")
+    settings = _fifo(tmp_path / "search" / "search_settings.json")
+    code, _, err, seconds = _cli("tuning.task", ["--resume", "--job-dir", str(tmp_path / "search")], timeout=30)
+    assert_brief(code, err, 1, f"{settings}: is a named pipe, not a regular file", seconds=seconds, bound=10)
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("run_config.json", '{"dataset": "idx:', "run_config.json: damaged, not valid JSON"),
+    ("history.json", '[{"val_accuracy": 0.5}]', 'history.json: damaged, not a list of rows, each with its "epoch"')])
+def test_damaged_checkpoint_files_on_resume_are_one_line_naming_the_file(name, content, fragment, small_run,
+                                                                          digits_idx, tmp_path):
+    import shutil
+
+    job = tmp_path / "job"
+    shutil.copytree(small_run, job)
+    (job / "checkpoints" / name).write_text(content)
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                               "--epochs", "3", "--job-dir", str(job)])
+    assert_brief(code, err, 1, f"{job / 'checkpoints' / name}", fragment)
+    assert "epoch 3/3" not in out
+
+
 def test_a_tuner_worker_whose_oracle_never_starts_gives_up_naming_it(tmp_path):
     port = free_port()  # nothing listens there
     code, _, err, seconds = _cli("tuning.task", ["--cluster-wait", "2", "--job-dir", str(tmp_path / "search")],
@@ -531,7 +575,7 @@ def _gzip_damaged_inside(path, payload):
 
 def test_run_time_faults_are_one_line(digits_idx, tmp_path):
     """Several exit-1 faults, one command each: a gzip file damaged inside, MNIST_TRAINER_CACHE naming a file,
-    --hparams-file /dev/zero (a bounded read)."""
+    --hparams-file /dev/zero (not a regular file: refused before reading)."""
     import shutil
 
     damaged = tmp_path / "damaged"
@@ -544,7 +588,7 @@ def test_run_time_faults_are_one_line(digits_idx, tmp_path):
         (["--dataset", f"idx:{damaged}"], {}, f"{images}: cannot read IDX file"),
         (["--dataset", "idx:gs://some-bucket/mnist"], {"MNIST_TRAINER_CACHE": str(images)},
          f"MNIST_TRAINER_CACHE {images}: cannot keep the copy"),
-        (["--hparams-file", "/dev/zero"], {}, "--hparams-file /dev/zero: larger than 1 MiB"),
+        (["--hparams-file", "/dev/zero"], {}, "--hparams-file /dev/zero: is a character device, not a regular file"),
     ]
     for args, env, fragment in cases:
         started = time.monotonic()

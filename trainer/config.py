@@ -528,11 +528,11 @@ def read_hparams_file(path: str) -> dict:
     """Flag values from a JSON file (keys are flag names with underscores); an I/O fault, so TrainerError."""
     import json
 
+    from trainer.atomic import read_regular_file
     from trainer.errors import TrainerError
 
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(HPARAMS_FILE_LIMIT + 1)
+        data = read_regular_file(path, f"--hparams-file {path}", HPARAMS_FILE_LIMIT + 1)
         if len(data) > HPARAMS_FILE_LIMIT:
             raise TrainerError(f"--hparams-file {path}: larger than {HPARAMS_FILE_LIMIT // 2**20} MiB, so not a "
                                "file of flag values (best_hyperparameters.json is a few hundred bytes)")

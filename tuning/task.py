@@ -26,6 +26,7 @@ import os
 import sys
 from typing import List, Mapping, MutableMapping, Optional, Sequence
 
+from trainer.atomic import read_regular_file
 from trainer.config import MAX_CLUSTER_WAIT, PRESETS, Config, HelpFormatter
 from trainer.errors import Interrupted, TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
@@ -297,8 +298,8 @@ def check_project_files(job_dir_flag: str, project_dir: str) -> None:
     for path in [os.path.join(project_dir, "oracle.json"),
                  *sorted(glob.glob(os.path.join(project_dir, "trial_*", "trial.json")))]:
         try:
-            with open(path, "rb") as handle:
-                valid = isinstance(json.loads(handle.read().decode("utf-8")), dict)
+            valid = isinstance(json.loads(read_regular_file(path, f"--job-dir {job_dir_flag}: {path}").decode("utf-8")),
+                               dict)
         except (OSError, ValueError):
             valid = False
         if not valid:
@@ -332,8 +333,7 @@ def check_job_dir(args, settings: dict, job_dir: str) -> None:
     if exists and args.resume:
         check_project_files(args.job_dir, project_dir)
         try:
-            with open(settings_path) as handle:
-                saved = json.load(handle)
+            saved = json.loads(read_regular_file(settings_path, settings_path).decode("utf-8"))
         except FileNotFoundError:
             saved = None  # made before searches recorded their settings: nothing to compare
             print(f"note: {settings_path} is missing, so the search's settings cannot be checked; "
