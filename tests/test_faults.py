@@ -187,6 +187,30 @@ def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(own_gcs_serv
                     seconds=time.monotonic() - started, bound=2 * GCS_DEADLINE + 15)
 
 
+@pytest.mark.parametrize("value", ["inf", "abc", "0", "-5", "nan", "1e9", ""])
+@pytest.mark.parametrize("module", ["trainer.task", "tuning.task"])
+def test_a_gcs_deadline_that_is_not_a_sane_number_is_refused_on_the_command_line(module, value, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    result = main_in_fresh_interpreter(module, ["--job-dir", str(tmp_path / "job")], MNIST_TRAINER_GCS_DEADLINE=value)
+    assert_brief(result["code"], result["err"], 2, f"MNIST_TRAINER_GCS_DEADLINE={value!r}: must be a number of "
+                 "seconds, more than 0 and at most 86400", seconds=result["seconds"], bound=5)
+    assert not result["heavy"] and not os.path.exists(tmp_path / "job")
+
+
+def test_a_cloud_storage_retry_says_what_it_waits_for_before_the_deadline(tmp_path):
+    """A real refused connection (nothing listens on the port): the first retry is one note naming the request
+    and the wait, then the deadline's one error line."""
+    port = free_port()
+    code, _, err, seconds = _cli("trainer.task", ["--dataset", "idx:gs://runs/mnist", "--job-dir", str(tmp_path / "j")],
+                                 STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", MNIST_TRAINER_GCS_DEADLINE="4",
+                                 MNIST_TRAINER_CACHE=str(tmp_path / "cache"))
+    assert_one_line(code, err, 1, "gs://runs/mnist", "cannot reach Cloud Storage", seconds=seconds, bound=30)
+    notes = [line for line in err.splitlines() if "retrying for up to" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: Cloud Storage: listing gs://runs/mnist failed ("), err
+    assert "(MNIST_TRAINER_GCS_DEADLINE)" in notes[0], err
+
+
 # ---------------------------------------------------------------------------------- SIGTERM per phase
 
 def _signal_in(monkeypatch, module, name, call_number=1, signum=signal.SIGTERM):

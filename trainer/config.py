@@ -567,6 +567,11 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     for flag, value in (("--job-dir", args.job_dir), ("--hparams-file", args.hparams_file)):
         if value is not None and not value.strip():
             parser.error(f"{flag} is empty; leave the flag out for its default")
+    from trainer.storage import deadline_problem
+
+    problem = deadline_problem(environ)
+    if problem:
+        parser.error(problem)
     preset = PRESETS[args.preset]
     from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
 

@@ -126,6 +126,11 @@ def parse(argv: Optional[Sequence[str]]):
                      f"{args.cluster_wait:g}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    from trainer.storage import deadline_problem
+
+    problem = deadline_problem(os.environ)
+    if problem:  # a search can read an idx:gs:// dataset
+        parser.error(problem)
     if not args.job_dir.strip():
         parser.error("--job-dir is empty; name the search's folder")
     if args.job_dir.startswith("gs://"):
