@@ -713,6 +713,49 @@ REFUSED = {
 }
 
 
+KERAS_TUNER = ["tune", "--service", "keras-tuner", "--image", "i:x", *DEPLOY]
+REFUSED.update({
+    "keras-tuner --parallel-trials": ([*KERAS_TUNER, "--parallel-trials", "7"],
+                                      "--parallel-trials applies to --service vertex", "with --workers"),
+    "keras-tuner --filter-choices": ([*KERAS_TUNER, "--filter-choices", "8,8"],
+                                     "--filter-choices (whole --filters values) applies to --service vertex"),
+    "keras-tuner --max-trials twice": ([*KERAS_TUNER, "--max-trials", "9", "--", "--max-trials", "4"],
+                                       "--max-trials is given both before and after --"),
+    "keras-tuner hyperband --max-trials": ([*KERAS_TUNER, "--max-trials", "9", "--", "--tuner", "hyperband"],
+                                           "--max-trials does not apply to --tuner hyperband"),
+    "--workers 1e20": (["train", "--image", "i:x", *DEPLOY, "--target", "multi-worker", "--workers",
+                        "100000000000000000000"], "argument --workers: must be in [1, 1,000]"),
+    "--workers 0": (["train", "--image", "i:x", *DEPLOY, "--target", "multi-worker", "--workers", "0"],
+                    "argument --workers: must be in [1, 1,000], got 0"),
+    "--max-trials 3e9": (["tune", "--image", "i:x", *DEPLOY, "--max-trials", "3000000000"],
+                         "argument --max-trials: must be in [1, 100,000]"),
+    "--parallel-trials 0": (["tune", "--image", "i:x", *DEPLOY, "--parallel-trials", "0"],
+                            "argument --parallel-trials: must be in [1, 100,000], got 0"),
+    "--image ''": (["train", "--image", "", *DEPLOY], "--image '': not an image name"),
+    "--region ''": (["train", "--image", "i:x", *DEPLOY, "--region", ""], "--region '': not a region name"),
+    "--region with a path": (["train", "--image", "i:x", *DEPLOY, "--region", "us central1/../x"],
+                             "--region 'us central1/../x': not a region name"),
+    "--machine-type ''": (["train", "--image", "i:x", *DEPLOY, "--machine-type", ""],
+                          "--machine-type '': not a machine type"),
+    "--timeout 1e9": (["train", "--image", "i:x", *DEPLOY, "--timeout", "1e9"],
+                      "argument --timeout: must be at most 365 days", "'1e9'"),
+    "--timeout inf": (["train", "--image", "i:x", *DEPLOY, "--timeout", "inf"],
+                      "argument --timeout: expected a finite duration, got 'inf'"),
+})
+
+
+def test_a_keras_tuner_job_carries_deploys_search_flags_to_tuning_task():
+    from helpers import main_in_fresh_interpreter
+    from tuning.task import build_parser
+
+    result = main_in_fresh_interpreter("deploy.vertex", [*KERAS_TUNER, "--dropout-range", "0.2:0.3", "--max-trials",
+                                                         "99", "--", "--epochs", "2"])
+    assert result["code"] == 0, result["err"]
+    for pool in json.loads(result["out"])["jobSpec"]["workerPoolSpecs"]:
+        args = build_parser().parse_args(pool["containerSpec"]["args"])
+        assert (args.max_trials, args.dropout_range.low, args.dropout_range.high, args.epochs) == (99, 0.2, 0.3, 2)
+
+
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_deploy_refuses_requests_that_can_only_fail_in_the_cloud(case):
     from helpers import main_in_fresh_interpreter
