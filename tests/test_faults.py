@@ -62,6 +62,13 @@ def test_bad_command_line_is_exit_2_with_one_line(args, fragment, tmp_path):
     assert not os.path.exists(tmp_path / "job")
 
 
+def test_a_dropout_grid_of_exactly_1000_rates_is_allowed():
+    from tuning.space import dropout_range
+
+    assert len(dropout_range("0:0.999999:0.001").grid()) == 1000
+    assert len(dropout_range("0:0.999:0.001").grid()) == 1000
+
+
 def test_tuning_hyperband_factor_0_is_exit_2(tmp_path):
     from tuning.task import main
 
@@ -540,6 +547,15 @@ COMMAND_LINE = {
                            "not a finite number"),
     "job dir not UTF-8": ("trainer.task", ["--job-dir", NOT_UTF8], "not valid UTF-8"),
     "search blocks too deep": ("tuning.task", ["--blocks", "5"], "--blocks 5: too many conv blocks for 28x28"),
+    "search blocks 1e20": ("tuning.task", ["--blocks", "100000000000000000000"], "--blocks must be in [1, 16]"),
+    "search blocks 1e12": ("tuning.task", ["--blocks", "1000000000000"], "--blocks must be in [1, 16]"),
+    "search max-epochs 1e20": ("tuning.task", ["--tuner", "hyperband", "--max-epochs", "100000000000000000000"],
+                               "--max-epochs must be in [1, 1,000,000]"),
+    "random with --hyperband-factor": ("tuning.task", ["--tuner", "random", "--hyperband-factor", "7"],
+                                       "--hyperband-factor applies to --tuner hyperband only, not --tuner random"),
+    "hyperband with --epochs": ("tuning.task", ["--tuner", "hyperband", "--epochs", "7"],
+                                "--epochs does not apply to --tuner hyperband"),
+    "dropout grid of 1,001": ("tuning.task", ["--dropout-range", "0:0.9999:0.000999"], "a grid of 1,001 rates"),
 }
 
 
