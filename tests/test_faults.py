@@ -51,6 +51,9 @@ USAGE_ERRORS = [
     (["--job-dir", "gs://Bad_Bucket!/run"], "--job-dir gs://Bad_Bucket!/run: bucket name 'Bad_Bucket!' is not valid"),
     (["--model-dir", "gs:///model"], "--model-dir gs:///model: has no bucket name"),
     (["--dataset", "idx:gs://ab/mnist"], "--dataset idx:gs://ab/mnist: bucket name 'ab' is not valid"),
+    (["--cpu-devices", "2"], "--cpu-devices 2 makes replicas for --strategy mirrored only (--strategy auto would"),
+    (["--cpu-devices", "2", "--strategy", "default"], "--cpu-devices 2 makes replicas for --strategy mirrored only"),
+    (["--dataset", "idx:/data", "--data-dir", "/tfds"], "--data-dir is TFDS's data folder; --dataset idx:/data"),
 ]
 
 
@@ -119,6 +122,36 @@ def test_disk_full_while_saving_is_one_line_and_keeps_what_was_there(flag, fragm
     if flag == "--model-dir":
         assert "the checkpoints are kept" in err and os.listdir(tmp_path / "job" / "checkpoints")
         assert not [name for name in os.listdir(full_disk) if ".partial-" in name], "staging folder left behind"
+
+
+def test_a_named_tpu_that_cannot_be_reached_is_one_line_not_a_cpu_run(digits_idx, tmp_path):
+    """--tpu no-such-tpu with --strategy auto, end to end: TensorFlow's own TPUClusterResolver refuses the
+    name on this TPU-less machine, and the run stops before training instead of falling back to the CPU."""
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--train-limit", "600", "--epochs", "1",
+                               "--tpu", "no-such-tpu", "--job-dir", str(tmp_path / "job")])
+    assert_brief(code, err, 1, "--tpu no-such-tpu: cannot reach TPU 'no-such-tpu'")
+    assert "epoch 1/1" not in out and not os.path.exists(tmp_path / "job" / "metrics.json")
+
+
+def test_a_named_tpu_whose_system_fails_to_start_is_one_line(monkeypatch):
+    """TPU_NAME=local under --strategy auto: TensorFlow's resolver runs; the TPU system's start is a stand-in
+    that fails as it does on a host whose TPU is busy or broken (a TPU cannot run here). A TPU found only by
+    its device file, unnamed, still falls back to the other strategies."""
+    import tensorflow as tf
+
+    from trainer import distribute
+    from trainer.errors import TrainerError
+
+    def fails(resolver):
+        raise RuntimeError("TPU initialization failed: the TPU is already in use by process 123")
+
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", fails)
+    with pytest.raises(TrainerError, match="^TPU_NAME local: cannot reach TPU 'local' .*already in use"):
+        distribute.resolve_strategy("auto", {"TPU_NAME": "local"})
+    with pytest.raises(TrainerError, match="^--tpu local: cannot reach TPU 'local'"):
+        distribute.resolve_strategy("auto", {}, tpu="local")
+    monkeypatch.setattr(distribute, "attached_tpu", lambda environ, tpu=None: tpu or "local")  # a device file
+    assert distribute.resolve_strategy("auto", {}).name == "default"
 
 
 # ------------------------------------------------------------------------------------- Cloud Storage

@@ -225,6 +225,15 @@ def _check_names_and_paths(config: Config, require) -> None:
                            "needs UTF-8 file names")
 
 
+def _check_combinations(config: Config, require) -> None:
+    """Flags that another flag's value would make do nothing are refused rather than ignored."""
+    require(config.cpu_devices <= 1 or config.strategy == "mirrored",
+            f"--cpu-devices {config.cpu_devices} makes replicas for --strategy mirrored only (--strategy "
+            f"{config.strategy} would train one); add --strategy mirrored")
+    require(not (config.data_dir and config.dataset.startswith("idx:")),
+            f"--data-dir is TFDS's data folder; --dataset {config.dataset} names its own folder, so drop --data-dir")
+
+
 def validate(config: Config) -> None:
     """Range and syntax checks that need no I/O; raises ValueError naming the setting."""
     def require(ok: bool, message: str):
@@ -259,6 +268,7 @@ def validate(config: Config) -> None:
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
     require(0 <= config.cpu_devices <= MAX_CPU_DEVICES,
             f"--cpu-devices must be in [0, {MAX_CPU_DEVICES}], got {config.cpu_devices}")
+    _check_combinations(config, require)
     threads = (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads))
     for flag, value in threads:
         require(0 <= value <= max_threads(), f"{flag} must be in [0, {max_threads()}] (0: TensorFlow's choice; the "
