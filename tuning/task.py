@@ -141,11 +141,6 @@ def parse(argv: Optional[Sequence[str]]):
                      f"{args.cluster_wait:g}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
-    from trainer.storage import deadline_problem
-
-    problem = deadline_problem(os.environ)
-    if problem:  # a search can read an idx:gs:// dataset
-        parser.error(problem)
     if not args.job_dir.strip():
         parser.error("--job-dir is empty; name the search's folder")
     if args.job_dir.startswith("gs://"):
@@ -432,6 +427,11 @@ def show_trial_values(tuner, space: SearchSpace, base: Config) -> None:
 
 def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int:
     args, space, base = parse(argv)  # exits 2 on a command-line error
+    from trainer.storage import deadline_problem
+
+    problem = deadline_problem(environ)  # here, not in parse: deploy.vertex checks a remote job's flags with parse
+    if problem:  # a search can read an idx:gs:// dataset
+        build_parser().error(problem)
     environ.update(distributed_environment(environ))
     # KerasTuner's own convention (its public variables): the tuner whose id contains "chief" runs the oracle.
     distributed = "KERASTUNER_ORACLE_IP" in environ
