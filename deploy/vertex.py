@@ -34,6 +34,7 @@ import glob
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,12 @@ TARGETS = {
 }
 GPU_COUNTS = (1, 2, 4)  # NVIDIA T4s a Vertex AI machine takes
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TIMEOUT = 365 * 86400  # a year: far past any job, well inside the request's duration field
+MAX_WORKERS = 1000  # replicas in a pool
+MAX_TRIALS = 100_000
+# The search flags of `tune`; with --service vertex their defaults, with keras-tuner they go to tuning.task.
+TUNE_DEFAULTS = {"max_trials": 12, "parallel_trials": 3, "filter_choices": "16,32;32,64;64,128",
+                 "dropout_range": "0.1:0.6"}
 
 
 def duration(text: str) -> int:
@@ -87,9 +94,27 @@ def duration(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected seconds or a number with s, m, h or d (e.g. 90m), got {text!r}") from None
-    if not 1 <= seconds < 10 ** 9:
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"expected a finite duration, got {text!r}")
+    if seconds < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text!r}")
+    if seconds > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TIMEOUT // 86400} days (Vertex AI's own default "
+                                         f"is 7), got {text!r}")
     return int(seconds)
+
+
+def bounded_int(low: int, high: int):
+    """argparse type: an integer in [low, high] (a value the request's integer fields can hold)."""
+    def parse_int(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high:,}], got {text}")
+        return value
+    return parse_int
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -108,7 +133,7 @@ def _add_common_flags(parser: argparse.ArgumentParser, workers_help: str) -> Non
     parser.add_argument("--target", choices=sorted(TARGETS), default="cpu",
                         help="machine kind: " + "; ".join(f"{name}: {target.summary}" for name, target in
                                                           TARGETS.items()))
-    parser.add_argument("--workers", type=int, default=None, help=workers_help)
+    parser.add_argument("--workers", type=bounded_int(1, MAX_WORKERS), default=None, help=workers_help)
     parser.add_argument("--machine-type", default=None, help="override the target's machine type")
     parser.add_argument("--accelerator-count", type=int, default=None,
                         help="GPUs per machine on gpu targets (1, 2 or 4 T4s); not for cpu or multi-worker, "
@@ -193,12 +218,16 @@ def build_parser() -> CommandParser:
              "(JOB_ID/tuning_job.json, JOB_ID/best_trial.json)")
     tune.add_argument("--service", choices=("vertex", "keras-tuner"), default="vertex",
                       help="Vertex AI's tuning service, or a KerasTuner search as one custom job")
-    tune.add_argument("--max-trials", type=int, default=12, help="--service vertex: trials in all")
-    tune.add_argument("--parallel-trials", type=int, default=3, help="--service vertex: trials at a time")
-    tune.add_argument("--filter-choices", default="16,32;32,64;64,128",
-                      help="--service vertex: --filters values, separated by ';'")
-    tune.add_argument("--dropout-range", type=dropout_range, default="0.1:0.6",
-                      help="--service vertex: MIN:MAX (continuous) or MIN:MAX:STEP (the rates on that grid)")
+    tune.add_argument("--max-trials", type=bounded_int(1, MAX_TRIALS), default=None,
+                      help="trials in all (--service vertex: default 12; keras-tuner: passed to tuning.task)")
+    tune.add_argument("--parallel-trials", type=bounded_int(1, MAX_TRIALS), default=None,
+                      help="--service vertex: trials at a time (default 3); keras-tuner runs --workers at a time")
+    tune.add_argument("--filter-choices", default=None,
+                      help="--service vertex: --filters values, separated by ';' (default 16,32;32,64;64,128); "
+                           "keras-tuner: pass tuning.task's --blocks and --filter-choices after --")
+    tune.add_argument("--dropout-range", default=None,
+                      help="MIN:MAX (continuous) or MIN:MAX:STEP (the rates on that grid) (--service vertex: "
+                           "default 0.1:0.6; keras-tuner: passed to tuning.task)")
     parser.commands = {"train": train, "tune": tune}
     return parser
 
@@ -245,7 +274,7 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
         from tuning.task import parse as tuning_parse
 
         job_dir = gcs_mount(args.job_dir.rstrip("/") + "/search")
-        module_args = ["--job-dir", job_dir, *passthrough]
+        module_args = ["--job-dir", job_dir, *_search_flags(parser, args, passthrough), *passthrough]
         message = _argparse_refusal(tuning_parse, module_args)
         if message:
             refuse("tuning.task", message)
@@ -288,6 +317,28 @@ def check_passthrough(parser: argparse.ArgumentParser, args, passthrough: List[s
     return module_args
 
 
+def _search_flags(parser: argparse.ArgumentParser, args, passthrough: List[str]) -> List[str]:
+    """With --service keras-tuner: deploy's search flags as tuning.task arguments (--max-trials,
+    --dropout-range); those that have no meaning there are refused, as is one given twice."""
+    if args.parallel_trials is not None:
+        parser.error("--parallel-trials applies to --service vertex; a KerasTuner search runs one trial per tuner "
+                     "worker at a time: set the parallelism with --workers")
+    if args.filter_choices is not None:
+        parser.error("--filter-choices (whole --filters values) applies to --service vertex; a KerasTuner search "
+                     "chooses each block's filters on its own: pass tuning.task's --blocks and --filter-choices "
+                     "after --")
+    flags = []
+    for name in ("max_trials", "dropout_range"):
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if any(token.split("=", 1)[0] == flag for token in passthrough):
+            parser.error(f"{flag} is given both before and after --; give it once")
+        flags += [flag, str(value)]
+    return flags
+
+
 def _too_deep(filters, checked: List[str]) -> Optional[str]:
     """Why conv blocks `filters` do not fit the images (as the trainer would refuse them at its start in every
     replica or trial), or None; None too when the dataset's image size is not known before loading it (the
@@ -326,6 +377,7 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
                      "(or set GOOGLE_CLOUD_PROJECT)")
     if not args.job_dir.startswith("gs://"):
         parser.error(f"--job-dir must be a gs:// folder (Vertex AI writes there), got {args.job_dir}")
+    _check_names(parser, args)
     if args.package and not (args.staging_bucket or "").startswith("gs://"):
         parser.error("--package needs --staging-bucket gs://BUCKET[/folder] for the sdist")
     from trainer.config import bucket_problem
@@ -337,17 +389,40 @@ def parse(argv: Optional[Sequence[str]], environ: Mapping[str, str]):
     if args.tensorboard and not args.service_account:
         parser.error("--tensorboard needs --service-account: Vertex AI TensorBoard uploads with the job's "
                      "service account (one with roles/aiplatform.user and storage access)")
-    if args.workers is not None and args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     _check_accelerators(parser, args, TARGETS[args.target])
     _check_local_flags(parser, args)
     if args.command == "tune":
-        if args.max_trials < 1 or args.parallel_trials < 1:
-            parser.error("--max-trials and --parallel-trials must be at least 1")
+        if args.dropout_range is not None:
+            try:
+                dropout_range(args.dropout_range)
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"argument --dropout-range: {error}")
+        if args.service == "vertex":
+            for name, default in TUNE_DEFAULTS.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, default)
+            args.dropout_range = dropout_range(args.dropout_range)
         if args.service == "keras-tuner" and TARGETS[args.target].variant == "tpu":
             parser.error(f"--target {args.target}: a KerasTuner search trains every trial with TensorFlow's "
                          "default strategy, so the TPU would sit idle; use --target cpu or gpu")
     return args, check_passthrough(parser, args, passthrough)
+
+
+REGION = re.compile(r"^[a-z]+(-[a-z0-9]+)+$")  # us-central1, europe-west4, northamerica-northeast1
+MACHINE_TYPE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")  # n1-standard-8, ct5lp-hightpu-4t, cloud-tpu
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values the request carries as they are (or builds image and endpoint names from): refused here when
+    Vertex AI could only reject them, or (an empty one) when they would be left out of the request unseen."""
+    for flag, value in (("--image", args.image), ("--executor-image", args.executor_image)):
+        if value is not None and (not value.strip() or any(char.isspace() for char in value)):
+            parser.error(f"{flag} {value!r}: not an image name (e.g. REGION-docker.pkg.dev/PROJECT/REPO/NAME:TAG)")
+    if not REGION.match(args.region):
+        parser.error(f"--region {args.region!r}: not a region name (e.g. us-central1)")
+    if args.machine_type is not None and not MACHINE_TYPE.match(args.machine_type):
+        parser.error(f"--machine-type {args.machine_type!r}: not a machine type (e.g. n1-standard-8); leave the "
+                     "flag out for the target's own")
 
 
 def _check_accelerators(parser: argparse.ArgumentParser, args: argparse.Namespace, target: Target) -> None:

@@ -51,6 +51,9 @@ USAGE_ERRORS = [
     (["--job-dir", "gs://Bad_Bucket!/run"], "--job-dir gs://Bad_Bucket!/run: bucket name 'Bad_Bucket!' is not valid"),
     (["--model-dir", "gs:///model"], "--model-dir gs:///model: has no bucket name"),
     (["--dataset", "idx:gs://ab/mnist"], "--dataset idx:gs://ab/mnist: bucket name 'ab' is not valid"),
+    (["--cpu-devices", "2"], "--cpu-devices 2 makes replicas for --strategy mirrored only (--strategy auto would"),
+    (["--cpu-devices", "2", "--strategy", "default"], "--cpu-devices 2 makes replicas for --strategy mirrored only"),
+    (["--dataset", "idx:/data", "--data-dir", "/tfds"], "--data-dir is TFDS's data folder; --dataset idx:/data"),
 ]
 
 
@@ -60,6 +63,13 @@ def test_bad_command_line_is_exit_2_with_one_line(args, fragment, tmp_path):
     code, _, err = run_task(["--job-dir", str(tmp_path / "job"), *args] if "--job-dir" not in args else args)
     assert_one_line(code, err, 2, fragment, seconds=time.monotonic() - started, bound=5)
     assert not os.path.exists(tmp_path / "job")
+
+
+def test_a_dropout_grid_of_exactly_1000_rates_is_allowed():
+    from tuning.space import dropout_range
+
+    assert len(dropout_range("0:0.999999:0.001").grid()) == 1000
+    assert len(dropout_range("0:0.999:0.001").grid()) == 1000
 
 
 def test_tuning_hyperband_factor_0_is_exit_2(tmp_path):
@@ -112,6 +122,36 @@ def test_disk_full_while_saving_is_one_line_and_keeps_what_was_there(flag, fragm
     if flag == "--model-dir":
         assert "the checkpoints are kept" in err and os.listdir(tmp_path / "job" / "checkpoints")
         assert not [name for name in os.listdir(full_disk) if ".partial-" in name], "staging folder left behind"
+
+
+def test_a_named_tpu_that_cannot_be_reached_is_one_line_not_a_cpu_run(digits_idx, tmp_path):
+    """--tpu no-such-tpu with --strategy auto, end to end: TensorFlow's own TPUClusterResolver refuses the
+    name on this TPU-less machine, and the run stops before training instead of falling back to the CPU."""
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--train-limit", "600", "--epochs", "1",
+                               "--tpu", "no-such-tpu", "--job-dir", str(tmp_path / "job")])
+    assert_brief(code, err, 1, "--tpu no-such-tpu: cannot reach TPU 'no-such-tpu'")
+    assert "epoch 1/1" not in out and not os.path.exists(tmp_path / "job" / "metrics.json")
+
+
+def test_a_named_tpu_whose_system_fails_to_start_is_one_line(monkeypatch):
+    """TPU_NAME=local under --strategy auto: TensorFlow's resolver runs; the TPU system's start is a stand-in
+    that fails as it does on a host whose TPU is busy or broken (a TPU cannot run here). A TPU found only by
+    its device file, unnamed, still falls back to the other strategies."""
+    import tensorflow as tf
+
+    from trainer import distribute
+    from trainer.errors import TrainerError
+
+    def fails(resolver):
+        raise RuntimeError("TPU initialization failed: the TPU is already in use by process 123")
+
+    monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", fails)
+    with pytest.raises(TrainerError, match="^TPU_NAME local: cannot reach TPU 'local' .*already in use"):
+        distribute.resolve_strategy("auto", {"TPU_NAME": "local"})
+    with pytest.raises(TrainerError, match="^--tpu local: cannot reach TPU 'local'"):
+        distribute.resolve_strategy("auto", {}, tpu="local")
+    monkeypatch.setattr(distribute, "attached_tpu", lambda environ, tpu=None: tpu or "local")  # a device file
+    assert distribute.resolve_strategy("auto", {}).name == "default"
 
 
 # ------------------------------------------------------------------------------------- Cloud Storage
@@ -185,6 +225,30 @@ def test_cloud_storage_lost_mid_run_is_one_line_within_the_deadline(own_gcs_serv
     # one request may be in flight when the outage starts (TIMEOUT = DEADLINE / 3), then the deadline
     assert_one_line(process.returncode, err, 1, "gs://runs/lost", "cannot reach Cloud Storage",
                     seconds=time.monotonic() - started, bound=2 * GCS_DEADLINE + 15)
+
+
+@pytest.mark.parametrize("value", ["inf", "abc", "0", "-5", "nan", "1e9", ""])
+@pytest.mark.parametrize("module", ["trainer.task", "tuning.task"])
+def test_a_gcs_deadline_that_is_not_a_sane_number_is_refused_on_the_command_line(module, value, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    result = main_in_fresh_interpreter(module, ["--job-dir", str(tmp_path / "job")], MNIST_TRAINER_GCS_DEADLINE=value)
+    assert_brief(result["code"], result["err"], 2, f"MNIST_TRAINER_GCS_DEADLINE={value!r}: must be a number of "
+                 "seconds, more than 0 and at most 86400", seconds=result["seconds"], bound=5)
+    assert not result["heavy"] and not os.path.exists(tmp_path / "job")
+
+
+def test_a_cloud_storage_retry_says_what_it_waits_for_before_the_deadline(tmp_path):
+    """A real refused connection (nothing listens on the port): the first retry is one note naming the request
+    and the wait, then the deadline's one error line."""
+    port = free_port()
+    code, _, err, seconds = _cli("trainer.task", ["--dataset", "idx:gs://runs/mnist", "--job-dir", str(tmp_path / "j")],
+                                 STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", MNIST_TRAINER_GCS_DEADLINE="4",
+                                 MNIST_TRAINER_CACHE=str(tmp_path / "cache"))
+    assert_one_line(code, err, 1, "gs://runs/mnist", "cannot reach Cloud Storage", seconds=seconds, bound=30)
+    notes = [line for line in err.splitlines() if "retrying for up to" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: Cloud Storage: listing gs://runs/mnist failed ("), err
+    assert "(MNIST_TRAINER_GCS_DEADLINE)" in notes[0], err
 
 
 # ---------------------------------------------------------------------------------- SIGTERM per phase
@@ -363,6 +427,69 @@ def test_two_runs_with_one_checkpoint_dir_the_second_is_refused(digits_idx, tmp_
     assert not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.slow
+def test_no_resume_with_a_gs_checkpoint_dir_deletes_only_the_checkpoints_own_objects(digits_idx, tmp_path):
+    """--no-resume clears a gs:// checkpoint folder as it clears a local one: the old run's checkpoint files go,
+    objects the trainer did not write stay (real fake-gcs-server)."""
+    from helpers import fake_gcs_server
+
+    with fake_gcs_server() as client:
+        bucket = client.create_bucket("faults-ckpt")
+        foreign = {"users-notes.txt": b"keep me", "sub/train.csv": b"1,2,3", "ckpt-notes/readme.txt": b"mine"}
+        for name, data in {**foreign, "ckpt-999.index": b"old", "history.json": b"[]"}.items():
+            bucket.blob(f"data/{name}").upload_from_string(data)
+        code, _, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                                 "--epochs", "1", "--no-resume", "--job-dir", str(tmp_path / "job"),
+                                 "--checkpoint-dir", "gs://faults-ckpt/data"])
+        assert code == 0, err
+        stored = {blob.name[len("data/"):]: blob for blob in bucket.list_blobs(prefix="data/")}
+        for name, data in foreign.items():
+            assert name in stored and stored[name].download_as_bytes() == data, sorted(stored)
+        assert "ckpt-999.index" not in stored and "run_config.json" in stored and "checkpoint" in stored
+        assert json.loads(stored["history.json"].download_as_bytes())[-1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("flags", [["--overwrite"], []], ids=["overwrite", "plain"])
+def test_a_search_refuses_a_folder_holding_its_names_without_a_search_and_touches_nothing(flags, tmp_path):
+    from helpers import main_in_fresh_interpreter
+
+    job = tmp_path / "x"
+    (job / "logs").mkdir(parents=True)
+    (job / "trials").mkdir()
+    (job / "logs" / "app.log").write_text("keep")
+    before = file_snapshot(job)
+    result = main_in_fresh_interpreter("tuning.task", [*flags, "--dataset", "idx:/nonexistent", "--job-dir", str(job)])
+    assert_brief(result["code"], result["err"], 1, f"--job-dir {job}: holds trials/, logs/ but no search",
+                 seconds=result["seconds"], bound=10)
+    assert not result["heavy"] and file_snapshot(job) == before and sorted(os.listdir(job)) == ["logs", "trials"]
+
+
+def test_overwrite_deletes_only_a_searchs_own_files(tmp_path):
+    from tuning.task import SETTINGS_FILE, build_parser, check_job_dir
+
+    job = tmp_path / "search"
+    (job / "keras_tuner" / "mnist_cnn").mkdir(parents=True)
+    (job / "keras_tuner" / "mnist_cnn" / "oracle.json").write_text("{}")
+    (job / "logs").mkdir()
+    (job / SETTINGS_FILE).write_text("{}")
+    (job / "notes.txt").write_text("mine")
+    args = build_parser().parse_args(["--overwrite", "--job-dir", str(job)])
+    check_job_dir(args, {"tuner": "random"}, str(job))
+    assert sorted(os.listdir(job)) == ["notes.txt", SETTINGS_FILE]
+    assert json.loads((job / SETTINGS_FILE).read_text()) == {"tuner": "random"}
+
+
+@pytest.mark.parametrize("module,args", [("tuning.task", ["--job-dir", ""]), ("trainer.task", ["--job-dir", ""]),
+                                         ("trainer.task", ["--hparams-file", "", "--job-dir", "/tmp/unused-job"])])
+def test_an_empty_path_is_refused_not_replaced(module, args):
+    from helpers import main_in_fresh_interpreter
+
+    result = main_in_fresh_interpreter(module, args)
+    flag = args[0]
+    assert_brief(result["code"], result["err"], 2, f"{flag} is empty", seconds=result["seconds"], bound=5)
+    assert not result["heavy"]
+
+
 # ------------------------------------------------------------------------------------- hangs: bounded
 
 GRID = "0.1:0.5:1e-9"
@@ -384,6 +511,50 @@ def test_what_could_hang_is_refused_at_once(case, tmp_path):
     result = main_in_fresh_interpreter(module, args)
     assert_brief(result["code"], result["err"], code, fragment, seconds=result["seconds"], bound=5)
     assert not os.path.exists(tmp_path / "job")
+
+
+def _fifo(path):
+    os.mkfifo(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["--hparams-file", "history.json", "run_config.json"])
+def test_a_named_pipe_where_the_trainer_reads_a_file_is_refused_at_once(case, tmp_path):
+    """Each of these blocked forever in open() (a pipe with no writer)."""
+    job = tmp_path / "job"
+    if case == "--hparams-file":
+        args, fragment = ["--hparams-file", _fifo(tmp_path / "best.json")], f"--hparams-file {tmp_path / 'best.json'}"
+    else:
+        (job / "checkpoints").mkdir(parents=True)
+        _fifo(job / "checkpoints" / case)
+        args, fragment = ["--dataset", "idx:/nonexistent"], str(job / "checkpoints" / case)
+    code, _, err, seconds = _cli("trainer.task", [*args, "--job-dir", str(job)], timeout=30)
+    assert_brief(code, err, 1, fragment, "is a named pipe, not a regular file", seconds=seconds, bound=10)
+
+
+def test_a_search_resumed_with_a_named_pipe_for_its_settings_is_refused_at_once(tmp_path):
+    project = tmp_path / "search" / "keras_tuner" / "mnist_cnn"
+    project.mkdir(parents=True)
+    (project / "oracle.json").write_text("{}")
+    settings = _fifo(tmp_path / "search" / "search_settings.json")
+    code, _, err, seconds = _cli("tuning.task", ["--resume", "--job-dir", str(tmp_path / "search")], timeout=30)
+    assert_brief(code, err, 1, f"{settings}: is a named pipe, not a regular file", seconds=seconds, bound=10)
+
+
+@pytest.mark.parametrize("name,content,fragment", [
+    ("run_config.json", '{"dataset": "idx:', "run_config.json: damaged, not valid JSON"),
+    ("history.json", '[{"val_accuracy": 0.5}]', 'history.json: damaged, not a list of rows, each with its "epoch"')])
+def test_damaged_checkpoint_files_on_resume_are_one_line_naming_the_file(name, content, fragment, small_run,
+                                                                          digits_idx, tmp_path):
+    import shutil
+
+    job = tmp_path / "job"
+    shutil.copytree(small_run, job)
+    (job / "checkpoints" / name).write_text(content)
+    code, out, err = run_task(["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--train-limit", "600",
+                               "--epochs", "3", "--job-dir", str(job)])
+    assert_brief(code, err, 1, f"{job / 'checkpoints' / name}", fragment)
+    assert "epoch 3/3" not in out
 
 
 def test_a_tuner_worker_whose_oracle_never_starts_gives_up_naming_it(tmp_path):
@@ -409,6 +580,15 @@ COMMAND_LINE = {
                            "not a finite number"),
     "job dir not UTF-8": ("trainer.task", ["--job-dir", NOT_UTF8], "not valid UTF-8"),
     "search blocks too deep": ("tuning.task", ["--blocks", "5"], "--blocks 5: too many conv blocks for 28x28"),
+    "search blocks 1e20": ("tuning.task", ["--blocks", "100000000000000000000"], "--blocks must be in [1, 16]"),
+    "search blocks 1e12": ("tuning.task", ["--blocks", "1000000000000"], "--blocks must be in [1, 16]"),
+    "search max-epochs 1e20": ("tuning.task", ["--tuner", "hyperband", "--max-epochs", "100000000000000000000"],
+                               "--max-epochs must be in [1, 1,000,000]"),
+    "random with --hyperband-factor": ("tuning.task", ["--tuner", "random", "--hyperband-factor", "7"],
+                                       "--hyperband-factor applies to --tuner hyperband only, not --tuner random"),
+    "hyperband with --epochs": ("tuning.task", ["--tuner", "hyperband", "--epochs", "7"],
+                                "--epochs does not apply to --tuner hyperband"),
+    "dropout grid of 1,001": ("tuning.task", ["--dropout-range", "0:0.9999:0.000999"], "a grid of 1,001 rates"),
 }
 
 
@@ -468,7 +648,7 @@ def _gzip_damaged_inside(path, payload):
 
 def test_run_time_faults_are_one_line(digits_idx, tmp_path):
     """Several exit-1 faults, one command each: a gzip file damaged inside, MNIST_TRAINER_CACHE naming a file,
-    --hparams-file /dev/zero (a bounded read)."""
+    --hparams-file /dev/zero (not a regular file: refused before reading)."""
     import shutil
 
     damaged = tmp_path / "damaged"
@@ -481,7 +661,7 @@ def test_run_time_faults_are_one_line(digits_idx, tmp_path):
         (["--dataset", f"idx:{damaged}"], {}, f"{images}: cannot read IDX file"),
         (["--dataset", "idx:gs://some-bucket/mnist"], {"MNIST_TRAINER_CACHE": str(images)},
          f"MNIST_TRAINER_CACHE {images}: cannot keep the copy"),
-        (["--hparams-file", "/dev/zero"], {}, "--hparams-file /dev/zero: larger than 1 MiB"),
+        (["--hparams-file", "/dev/zero"], {}, "--hparams-file /dev/zero: is a character device, not a regular file"),
     ]
     for args, env, fragment in cases:
         started = time.monotonic()
@@ -580,6 +760,49 @@ REFUSED = {
     "--stop-grace nan": (["train", "--image", "i:x", "--project", "p", "--job-dir", "gs://my-bucket/r", "--local",
                           "--stop-grace", "nan"], "must be 0 or more (and finite)", "--stop-grace nan"),
 }
+
+
+KERAS_TUNER = ["tune", "--service", "keras-tuner", "--image", "i:x", *DEPLOY]
+REFUSED.update({
+    "keras-tuner --parallel-trials": ([*KERAS_TUNER, "--parallel-trials", "7"],
+                                      "--parallel-trials applies to --service vertex", "with --workers"),
+    "keras-tuner --filter-choices": ([*KERAS_TUNER, "--filter-choices", "8,8"],
+                                     "--filter-choices (whole --filters values) applies to --service vertex"),
+    "keras-tuner --max-trials twice": ([*KERAS_TUNER, "--max-trials", "9", "--", "--max-trials", "4"],
+                                       "--max-trials is given both before and after --"),
+    "keras-tuner hyperband --max-trials": ([*KERAS_TUNER, "--max-trials", "9", "--", "--tuner", "hyperband"],
+                                           "--max-trials does not apply to --tuner hyperband"),
+    "--workers 1e20": (["train", "--image", "i:x", *DEPLOY, "--target", "multi-worker", "--workers",
+                        "100000000000000000000"], "argument --workers: must be in [1, 1,000]"),
+    "--workers 0": (["train", "--image", "i:x", *DEPLOY, "--target", "multi-worker", "--workers", "0"],
+                    "argument --workers: must be in [1, 1,000], got 0"),
+    "--max-trials 3e9": (["tune", "--image", "i:x", *DEPLOY, "--max-trials", "3000000000"],
+                         "argument --max-trials: must be in [1, 100,000]"),
+    "--parallel-trials 0": (["tune", "--image", "i:x", *DEPLOY, "--parallel-trials", "0"],
+                            "argument --parallel-trials: must be in [1, 100,000], got 0"),
+    "--image ''": (["train", "--image", "", *DEPLOY], "--image '': not an image name"),
+    "--region ''": (["train", "--image", "i:x", *DEPLOY, "--region", ""], "--region '': not a region name"),
+    "--region with a path": (["train", "--image", "i:x", *DEPLOY, "--region", "us central1/../x"],
+                             "--region 'us central1/../x': not a region name"),
+    "--machine-type ''": (["train", "--image", "i:x", *DEPLOY, "--machine-type", ""],
+                          "--machine-type '': not a machine type"),
+    "--timeout 1e9": (["train", "--image", "i:x", *DEPLOY, "--timeout", "1e9"],
+                      "argument --timeout: must be at most 365 days", "'1e9'"),
+    "--timeout inf": (["train", "--image", "i:x", *DEPLOY, "--timeout", "inf"],
+                      "argument --timeout: expected a finite duration, got 'inf'"),
+})
+
+
+def test_a_keras_tuner_job_carries_deploys_search_flags_to_tuning_task():
+    from helpers import main_in_fresh_interpreter
+    from tuning.task import build_parser
+
+    result = main_in_fresh_interpreter("deploy.vertex", [*KERAS_TUNER, "--dropout-range", "0.2:0.3", "--max-trials",
+                                                         "99", "--", "--epochs", "2"])
+    assert result["code"] == 0, result["err"]
+    for pool in json.loads(result["out"])["jobSpec"]["workerPoolSpecs"]:
+        args = build_parser().parse_args(pool["containerSpec"]["args"])
+        assert (args.max_trials, args.dropout_range.low, args.dropout_range.high, args.epochs) == (99, 0.2, 0.3, 2)
 
 
 @pytest.mark.parametrize("case", list(REFUSED))

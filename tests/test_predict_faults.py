@@ -334,3 +334,14 @@ def test_a_path_or_class_name_with_a_newline_stays_one_output_line(model_copy, d
     code, out, err, _ = predict_in_process(capfd, model_copy, odd)
     assert code == 0 and err == "", err
     assert out.count("\n") == 1 and out.startswith(odd.replace("\n", "\\n") + "\t") and "\\nx" in out, out
+
+
+@pytest.mark.parametrize("name", ["class_names.json", "training_images.json"])
+def test_a_named_pipe_in_place_of_a_model_file_is_one_line_not_a_wait(model_copy, digit_png, capfd, name):
+    path = os.path.join(model_copy, name)
+    os.remove(path)
+    os.mkfifo(path)
+    code, out, err, seconds = predict_in_process(capfd, model_copy, digit_png)
+    assert_one_error_line(code, out, err, f"error: --model-dir {model_copy}: {name}: is a named pipe, not a regular "
+                                          "file")
+    assert seconds < 10, seconds

@@ -99,7 +99,7 @@ def changed(args, flag, value):
 @pytest.mark.parametrize("change, named", [
     ({"--train-limit": "1000"}, "--train-limit 2500 -> 1000"),
     ({"--filter-choices": "16,32"}, "--filter-choices 16,32,64 -> 16,32"),
-    ({"--tuner": "hyperband", "--max-trials": None}, "--tuner random -> hyperband"),
+    ({"--tuner": "hyperband", "--max-trials": None, "--epochs": None}, "--tuner random -> hyperband"),
     ({"--dropout-range": "0.2:0.4"}, "--dropout-range 0.1:0.6:0.1 -> 0.2:0.4"),
 ])
 def test_resume_with_other_settings_is_refused_and_changes_nothing(search, change, named):

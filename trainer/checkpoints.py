@@ -14,7 +14,7 @@ import os
 from typing import Any, List, Optional, Tuple
 
 from trainer import atomic, model_folder
-from trainer.config import RESUME_KEYS, Config
+from trainer.config import RESUME_KEYS, Config, join_path
 from trainer.errors import TrainerError, writing
 
 # 2: the model holds no augmentation layers (augmentation runs in the input pipeline).
@@ -26,28 +26,51 @@ RUN_CONFIG_FILE = "run_config.json"
 MAX_TO_KEEP = 2
 
 
+def is_checkpoint_file(name: str) -> bool:
+    """A name the trainer's checkpoints use in their folder (`ckpt-N.*`, TensorFlow's `checkpoint` index,
+    history.json, run_config.json): the only files --no-resume and a checkpoint rotation ever delete."""
+    return "/" not in name and (name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE))
+
+
 def resume_settings(config: Config) -> dict:
     values = config.to_dict()
     return {key: values[key] for key in RESUME_KEYS}
 
 
-def _json_load(path: str, default):
-    if os.path.isfile(path):
-        with open(path) as handle:
-            return json.load(handle)
-    return default
+def _load_checkpoint_json(path: str, shown: str, default):
+    """run_config.json (a JSON object) or history.json (a list of objects, each with an integer "epoch")
+    beside a checkpoint being restored; `default` when missing. Anything else (a file cut short, a row
+    without its epoch, a named pipe) is one TrainerError naming the file as the user knows it (`shown`)."""
+    try:
+        value = json.loads(atomic.read_regular_file(path, shown).decode("utf-8"))
+    except FileNotFoundError:
+        return default
+    except OSError as error:
+        raise TrainerError(f"{shown}: cannot read it ({error.strerror})") from None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TrainerError(f"{shown}: damaged, not valid JSON ({error}); pass --no-resume to start fresh or "
+                           "use another --job-dir") from None
+    if isinstance(default, dict):
+        valid = isinstance(value, dict)
+    else:
+        valid = isinstance(value, list) and all(isinstance(row, dict) and isinstance(row.get("epoch"), int)
+                                                for row in value)
+    if not valid:
+        what = "a JSON object" if isinstance(default, dict) else 'a list of rows, each with its "epoch"'
+        raise TrainerError(f"{shown}: damaged, not {what}; pass --no-resume to start fresh or use another --job-dir")
+    return value
 
 
 def _read_json(path: str):
-    """A local or gs:// JSON file's value, or None when it is missing or not JSON."""
+    """A local or gs:// JSON file's value, or None when it is missing or not JSON (a local file that is not
+    a regular file, e.g. a named pipe, is a TrainerError: reading it could block forever)."""
     from trainer import storage
 
     try:
         if storage.is_gcs(path):
             text = storage.read_text(path)
         else:
-            with open(path) as handle:
-                text = handle.read()
+            text = atomic.read_regular_file(path, path).decode("utf-8")
         return json.loads(text) if text is not None else None
     except (OSError, ValueError):
         return None
@@ -58,7 +81,6 @@ def finished_run(config: Config) -> dict:
     --epochs (history.json), made with the same settings, metrics.json of that many epochs, and an exported
     model. Empty when anything is missing, so the run goes on (and redoes what is missing). Reads only, and
     needs no TensorFlow: a finished run is reported in the time it takes to read three small files."""
-    from trainer.config import join_path
 
     if not config.resume:
         return {}
@@ -79,8 +101,6 @@ def finished_run(config: Config) -> dict:
 def epochs_beyond(config: Config) -> int:
     """The epochs the checkpoints of these settings already hold when that is more than --epochs (0 otherwise):
     resuming such a run cannot train to --epochs, only rewrite the outputs of a longer run."""
-    from trainer.config import join_path
-
     if not config.resume:
         return 0
     history = _read_json(join_path(config.checkpoint_dir, HISTORY_FILE))
@@ -118,11 +138,13 @@ class Checkpoints:
             self.clear()
         history = []
         if latest:
-            self._refuse_other_settings(_json_load(os.path.join(source, RUN_CONFIG_FILE), {}))
+            self._refuse_other_settings(_load_checkpoint_json(
+                os.path.join(source, RUN_CONFIG_FILE), join_path(self.config.checkpoint_dir, RUN_CONFIG_FILE), {}))
             self.restorable.restore(latest).assert_existing_objects_matched()
             if self.stash is not None:  # absent when another replica count wrote the checkpoint
                 tf.train.Checkpoint(**{self.stash.key: self.stash.variables}).restore(latest).expect_partial()
-            history = _json_load(os.path.join(source, HISTORY_FILE), [])
+            history = _load_checkpoint_json(os.path.join(source, HISTORY_FILE),
+                                            join_path(self.config.checkpoint_dir, HISTORY_FILE), [])
             history = [row for row in history if row["epoch"] <= int(self.checkpoint.epoch.numpy())]
         elif self.outputs.is_chief:
             with writing(f"--checkpoint-dir {self.config.checkpoint_dir}: cannot write {RUN_CONFIG_FILE}"):
@@ -150,7 +172,7 @@ class Checkpoints:
     def clear(self) -> None:
         folder = self.outputs.checkpoint_dir
         for name in os.listdir(folder):
-            if name.startswith("ckpt-") or name in ("checkpoint", HISTORY_FILE, RUN_CONFIG_FILE):
+            if is_checkpoint_file(name):
                 os.remove(os.path.join(folder, name))
 
     @property

@@ -289,6 +289,15 @@ def _check_dataset(config: Config, require) -> None:
             "--no-flip contradicts --augment shift-flip; choose one")
 
 
+def _check_combinations(config: Config, require) -> None:
+    """Flags that another flag's value would make do nothing are refused rather than ignored."""
+    require(config.cpu_devices <= 1 or config.strategy == "mirrored",
+            f"--cpu-devices {config.cpu_devices} makes replicas for --strategy mirrored only (--strategy "
+            f"{config.strategy} would train one); add --strategy mirrored")
+    require(not (config.data_dir and config.dataset_kind in ("idx", "folder")),
+            f"--data-dir is TFDS's data folder; --dataset {config.dataset} names its own folder, so drop --data-dir")
+
+
 def validate(config: Config) -> None:
     """Range and syntax checks that need no I/O; raises ValueError naming the setting."""
     def require(ok: bool, message: str):
@@ -325,6 +334,7 @@ def validate(config: Config) -> None:
             f"--steps-per-execution must be at least 1, got {config.steps_per_execution}")
     require(0 <= config.cpu_devices <= MAX_CPU_DEVICES,
             f"--cpu-devices must be in [0, {MAX_CPU_DEVICES}], got {config.cpu_devices}")
+    _check_combinations(config, require)
     threads = (("--intra-op-threads", config.intra_op_threads), ("--inter-op-threads", config.inter_op_threads))
     for flag, value in threads:
         require(0 <= value <= max_threads(), f"{flag} must be in [0, {max_threads()}] (0: TensorFlow's choice; the "
@@ -600,11 +610,11 @@ def read_hparams_file(path: str) -> dict:
     """Flag values from a JSON file (keys are flag names with underscores); an I/O fault, so TrainerError."""
     import json
 
+    from trainer.atomic import read_regular_file
     from trainer.errors import TrainerError
 
     try:
-        with open(path, "rb") as handle:
-            data = handle.read(HPARAMS_FILE_LIMIT + 1)
+        data = read_regular_file(path, f"--hparams-file {path}", HPARAMS_FILE_LIMIT + 1)
         if len(data) > HPARAMS_FILE_LIMIT:
             raise TrainerError(f"--hparams-file {path}: larger than {HPARAMS_FILE_LIMIT // 2**20} MiB, so not a "
                                "file of flag values (best_hyperparameters.json is a few hundred bytes)")
@@ -636,6 +646,14 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     """Parse the command line into a Config; exits 2 (argparse style) on any syntax or range error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, value in (("--job-dir", args.job_dir), ("--hparams-file", args.hparams_file)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} is empty; leave the flag out for its default")
+    from trainer.storage import deadline_problem
+
+    problem = deadline_problem(environ)
+    if problem:
+        parser.error(problem)
     preset = PRESETS[args.preset]
     from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
 

@@ -1,7 +1,8 @@
 """Resolve a tf.distribute strategy by name, once, and say whether this process is the chief.
 
 Names: auto | default | one_device | mirrored | multi_worker | tpu. `auto` picks a TPU when one is
-attached, else multi_worker when TF_CONFIG or Vertex AI's CLUSTER_SPEC lists several tasks, else
+attached (one named by --tpu or TPU_NAME must answer: else one line, never a silent fall-back to the CPU),
+else multi_worker when TF_CONFIG or Vertex AI's CLUSTER_SPEC lists several tasks, else
 mirrored over two or more GPUs, else the default strategy. A strategy the machine cannot provide is a
 TrainerError with one clear line. Host settings (logical CPU devices, threads) are process-wide and must
 be applied by `configure_host` before TensorFlow runs its first op.
@@ -213,7 +214,7 @@ def auto_choice(environ: Mapping[str, str], num_gpus: int) -> str:
     return "mirrored" if num_gpus >= 2 else "default"
 
 
-def _connect_tpu(tpu: str):
+def _connect_tpu(tpu: str, asked_by: str = "--strategy tpu"):
     import tensorflow as tf
 
     try:
@@ -222,7 +223,7 @@ def _connect_tpu(tpu: str):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     except Exception as error:  # ValueError, NotFoundError, IndexError... depending on the host
-        raise TrainerError(f"--strategy tpu: cannot reach TPU {tpu!r} ({type(error).__name__}: "
+        raise TrainerError(f"{asked_by}: cannot reach TPU {tpu!r} ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}); "
                            f"{tpu_hint(tpu, error)}") from None
 
@@ -433,11 +434,14 @@ def resolve_strategy(name: str, environ: Optional[Mapping[str, str]] = None, tpu
     environ = os.environ if environ is None else environ
     if name == "auto":
         found = attached_tpu(environ, tpu)
+        named = "--tpu" if tpu else "TPU_NAME" if environ.get("TPU_NAME") else None
         if found:
             try:
-                return Resolved(_connect_tpu(found), "tpu")
+                return Resolved(_connect_tpu(found, f"{named} {found}" if named else "--strategy auto"), "tpu")
             except TrainerError:
-                pass  # a device file without a usable TPU: fall through to the other strategies
+                if named:  # a TPU the user named: training without it would be a silent wrong result
+                    raise
+                # a device file without a usable TPU: fall through to the other strategies
         # physical, not logical: listing logical devices starts the runtime, and MultiWorkerMirrored
         # must configure collectives before that
         name = auto_choice(environ, len(tf.config.list_physical_devices("GPU")))

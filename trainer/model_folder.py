@@ -16,6 +16,7 @@ import tempfile
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 from trainer import storage
+from trainer.atomic import read_regular_file
 from trainer.errors import TrainerError, require_tensorflow
 from trainer.joblock import process_alive
 
@@ -221,9 +222,11 @@ def _json_kind(value) -> str:
 
 def _read_json_file(local: str, name: str, shown: str):
     """The JSON value of the model folder's file `name`, or a one-line fault naming what is wrong with it."""
-    try:
-        with open(os.path.join(local, name), encoding="utf-8") as handle:
-            return json.load(handle)
+    path = os.path.join(local, name)
+    if os.path.isdir(path):
+        raise fault(shown, f"{name} is a folder, not a file")
+    try:  # a named pipe (or any other non-regular file) in its place is refused, not waited on
+        return json.loads(read_regular_file(path, f"--model-dir {shown}: {name}").decode("utf-8"))
     except IsADirectoryError:
         raise fault(shown, f"{name} is a folder, not a file") from None
     except UnicodeDecodeError:

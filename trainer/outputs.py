@@ -2,8 +2,9 @@
 
 TensorFlow writes only to local paths here. For a gs:// folder the trainer writes to a local staging
 folder and syncs it through `trainer.storage`: TensorBoard events after every epoch, checkpoints after
-every save (the `checkpoint` index last, deletions mirrored), and at the end the model (atomically),
-plots and metrics.json (last). Non-chief workers write to scratch folders that are deleted at the end.
+every save (the `checkpoint` index last, deletions of the checkpoints' own files mirrored), and at the
+end the model (atomically), plots and metrics.json (last). Non-chief workers write to scratch folders
+that are deleted at the end.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ class Outputs:
             storage.sync_up(self.log_dir, self.remote["log_dir"])
 
     def sync_checkpoints(self) -> None:
+        """Upload the checkpoint folder; of the objects it no longer holds, delete only the checkpoints' own
+        names (as --no-resume clears a local folder), never other objects under the gs:// folder."""
+        from trainer.checkpoints import is_checkpoint_file
+
         if "checkpoint_dir" in self.remote:
             storage.sync_up(self.checkpoint_dir, self.remote["checkpoint_dir"], mirror_deletions=True,
-                            last=("checkpoint",))
+                            last=("checkpoint",), deletable=is_checkpoint_file)
 
     def publish_model(self) -> None:
         if "model_dir" in self.remote:

@@ -11,27 +11,49 @@ from __future__ import annotations
 
 import base64
 import functools
+import math
 import os
+import sys
 import time
 import uuid
-from typing import Iterable, Optional, Tuple
+from typing import Callable, Iterable, Mapping, Optional, Tuple
 
 from trainer.errors import TrainerError
 
 SUCCESS_MARKER = "_SUCCESS"
 
 
-def _deadline_from_environment() -> float:
+DEADLINE_VARIABLE = "MNIST_TRAINER_GCS_DEADLINE"
+MAX_DEADLINE = 86400.0  # a day: beyond that a retry loop is a hang, not patience
+
+
+def deadline_problem(environ: Mapping[str, str]) -> Optional[str]:
+    """What is wrong with MNIST_TRAINER_GCS_DEADLINE in `environ` (None when unset or a usable number)."""
+    text = environ.get(DEADLINE_VARIABLE)
+    if text is None:
+        return None
     try:
-        return max(3.0, float(os.environ.get("MNIST_TRAINER_GCS_DEADLINE", "60")))
+        value = float(text)
     except ValueError:
-        return 60.0
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= MAX_DEADLINE):
+        return (f"{DEADLINE_VARIABLE}={text!r}: must be a number of seconds, more than 0 and at most "
+                f"{MAX_DEADLINE:.0f} (a day); unset it for the default 60")
+    return None
+
+
+def _deadline_from_environment() -> float:
+    if deadline_problem(os.environ):
+        return 60.0  # never used: `call` refuses to run with the problem
+    return max(3.0, float(os.environ.get(DEADLINE_VARIABLE, "60")))
 
 
 # Requests go out without the client's own retry policy (which keeps retrying for two minutes and then
 # raises an error quoting request URLs): `call` retries transient faults itself until DEADLINE seconds
 # have passed, each request taking at most TIMEOUT, so an unreachable Cloud Storage is one line within
-# DEADLINE seconds (60 by default; MNIST_TRAINER_GCS_DEADLINE changes it).
+# DEADLINE seconds (60 by default; MNIST_TRAINER_GCS_DEADLINE changes it). The first retry of a request
+# says so on stderr, so a wait never goes unexplained.
+DEADLINE_PROBLEM = deadline_problem(os.environ)
 DEADLINE = _deadline_from_environment()
 TIMEOUT = min(20.0, DEADLINE / 3)
 
@@ -99,6 +121,8 @@ def call(action, what: str, not_found: Optional[str] = None, passthrough: tuple 
     """
     from google.api_core import exceptions
 
+    if DEADLINE_PROBLEM:
+        raise TrainerError(DEADLINE_PROBLEM)
     started, attempt = time.monotonic(), 0
     while True:
         attempt += 1
@@ -113,6 +137,10 @@ def call(action, what: str, not_found: Optional[str] = None, passthrough: tuple 
             if time.monotonic() - started + pause + TIMEOUT > DEADLINE:
                 raise TrainerError(f"{what}: cannot reach Cloud Storage ({_describe(error)}; {attempt} attempts in "
                                    f"{time.monotonic() - started:.0f} s)") from None
+            if attempt == 1:
+                print(f"note: Cloud Storage: {what} failed ({_describe(error)}); retrying for up to "
+                      f"{DEADLINE - (time.monotonic() - started):.0f} s ({DEADLINE_VARIABLE})", file=sys.stderr,
+                      flush=True)
             time.sleep(pause)
         except exceptions.GoogleAPICallError as error:
             raise TrainerError(f"{what}: {_describe(error)}") from None
@@ -206,8 +234,10 @@ def is_lock_name(name: str) -> bool:
     return base == ".lock" or (base.startswith(".") and base.endswith(".lock"))
 
 
-def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = ()) -> None:
-    """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions."""
+def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iterable[str] = (),
+            deletable: Callable[[str], bool] = lambda name: True) -> None:
+    """Upload new or changed files (by crc32c); files named in `last` go after the rest, then deletions
+    (with `mirror_deletions`: the objects the local folder no longer holds whose names `deletable` accepts)."""
     remote = list_objects(url)
     local = sorted(_local_files(local_dir), key=lambda name: name in set(last))
     for name in local:
@@ -216,7 +246,7 @@ def sync_up(local_dir: str, url: str, mirror_deletions: bool = False, last: Iter
         if blob is None or blob.size != os.path.getsize(path) or blob.crc32c != _crc32c(path):
             upload_file(path, f"{url.rstrip('/')}/{name}")
     if mirror_deletions:  # a run's locks (the job dir's .lock, a folder's .NAME.lock) are not the sync's to delete
-        for name in {name for name in remote if not is_lock_name(name)} - set(local):
+        for name in {name for name in remote if not is_lock_name(name) and deletable(name)} - set(local):
             call(functools.partial(remote[name].delete, retry=None, timeout=TIMEOUT),
                  f"deleting {url.rstrip('/')}/{name}")
 

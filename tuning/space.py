@@ -31,8 +31,13 @@ class DropoutRange:
         """Every rate on the grid, MIN first (MAX included when the steps land on it)."""
         if self.step is None:
             raise ValueError(f"{self} is a continuous range: it has no grid")
-        count = int((self.high - self.low) / self.step + 1e-9) + 1
+        count = _grid_count(self.low, self.high, self.step)
         return tuple(round(self.low + index * self.step, 6) for index in range(count))
+
+
+def _grid_count(low: float, high: float, step: float) -> int:
+    """Rates on the grid MIN, MIN + STEP, ... up to MAX (MAX counted when a step lands on it, to rounding)."""
+    return int((high - low) / step + 1e-9) + 1
 
 
 def dropout_range(text: str) -> DropoutRange:
@@ -61,8 +66,8 @@ def dropout_range(text: str) -> DropoutRange:
     if step is not None and step > high - low + 1e-9:
         raise argparse.ArgumentTypeError(f"STEP {step:g} is larger than MAX - MIN ({high - low:g}): "
                                          "the grid would hold MIN alone")
-    if step is not None and (high - low) / step + 1 > MAX_GRID:
-        raise argparse.ArgumentTypeError(f"STEP {step:g} makes a grid of {int((high - low) / step + 1):,} rates, "
+    if step is not None and _grid_count(low, high, step) > MAX_GRID:
+        raise argparse.ArgumentTypeError(f"STEP {step:g} makes a grid of {_grid_count(low, high, step):,} rates, "
                                          f"more than {MAX_GRID:,}: use a larger STEP, or MIN:MAX for a continuous "
                                          "range")
     return DropoutRange(low, high, step)

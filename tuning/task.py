@@ -26,13 +26,16 @@ import os
 import sys
 from typing import List, Mapping, MutableMapping, Optional, Sequence
 
-from trainer.config import MAX_CLUSTER_WAIT, PRESETS, Config, HelpFormatter, image_size_flag
+from trainer.atomic import read_regular_file
+from trainer.config import MAX_CLUSTER_WAIT, MAX_EPOCHS, PRESETS, Config, HelpFormatter, image_size_flag
 from trainer.errors import Interrupted, TrainerError
 from tuning.space import SearchSpace, as_flags, dropout_range, trial_number
 
 TUNERS = ("random", "hyperband", "bayesian")
 PROJECT = "mnist_cnn"
 HYPERBAND_MAX_EPOCHS = 9
+MAX_SEARCH_TRIALS = 1_000_000
+MAX_BLOCKS = 16  # far more conv blocks than 28x28 images take (each at least halves the feature map)
 SETTINGS_FILE = "search_settings.json"
 # What a search writes in its job dir (--overwrite deletes exactly these; best/ is a normal trainer run).
 SEARCH_OUTPUTS = ("keras_tuner", "trials", "logs", SETTINGS_FILE, "best_hyperparameters.json",
@@ -68,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trials for random and bayesian (default: 10); hyperband is bounded by --max-epochs")
     search.add_argument("--max-epochs", type=int, default=None,
                         help="hyperband: epochs of its longest trial (default: 9)")
-    search.add_argument("--hyperband-factor", type=int, default=3,
-                        help="hyperband: each bracket keeps 1/FACTOR of its trials for the next round")
-    search.add_argument("--epochs", type=int, default=3, help="epochs per trial (random, bayesian)")
+    search.add_argument("--hyperband-factor", type=int, default=None,
+                        help="hyperband: each bracket keeps 1/FACTOR of its trials for the next round (default: 3)")
+    search.add_argument("--epochs", type=int, default=None,
+                        help="epochs per trial (random, bayesian; default: 3); hyperband sets its own")
     search.add_argument("--blocks", type=int, default=2, help="conv blocks; each block's filters are searched")
     search.add_argument("--filter-choices", type=_int_list, default=(16, 32, 64),
                         help="filter counts each block chooses from (default: 16,32,64)")
@@ -115,29 +119,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse(argv: Optional[Sequence[str]]):
-    """Every command-line check, without TensorFlow or KerasTuner; exits 2 (argparse style) on an error."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_tuner_options(parser: argparse.ArgumentParser, args) -> None:
+    """Options of one tuner given to another are refused (never silently ignored); then the defaults."""
     if args.tuner == "hyperband" and args.max_trials is not None:
         parser.error("--max-trials does not apply to --tuner hyperband: bound it with --max-epochs "
                      "(and --hyperband-factor)")
     if args.tuner != "hyperband" and args.max_epochs is not None:
         parser.error("--max-epochs applies to --tuner hyperband only; use --epochs for trial length")
+    if args.tuner != "hyperband" and args.hyperband_factor is not None:
+        parser.error(f"--hyperband-factor applies to --tuner hyperband only, not --tuner {args.tuner}")
+    if args.tuner == "hyperband" and args.epochs is not None:
+        parser.error("--epochs does not apply to --tuner hyperband: it sets each trial's epochs itself, up to "
+                     "--max-epochs")
+    args.epochs = 3 if args.epochs is None else args.epochs
+    args.hyperband_factor = 3 if args.hyperband_factor is None else args.hyperband_factor
+
+
+def parse(argv: Optional[Sequence[str]]):
+    """Every command-line check, without TensorFlow or KerasTuner; exits 2 (argparse style) on an error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_tuner_options(parser, args)
     if not (math.isfinite(args.cluster_wait) and 0 <= args.cluster_wait <= MAX_CLUSTER_WAIT):
         parser.error(f"--cluster-wait must be in [0, {MAX_CLUSTER_WAIT}] seconds (0: wait forever), got "
                      f"{args.cluster_wait:g}")
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite exclude each other")
+    if not args.job_dir.strip():
+        parser.error("--job-dir is empty; name the search's folder")
     if args.job_dir.startswith("gs://"):
         parser.error(f"--job-dir {args.job_dir}: KerasTuner needs a folder all workers share, not a gs:// URL; "
                      f"on Vertex AI pass the Cloud Storage mount {gcs_mount(args.job_dir)} (deploy.vertex tune "
                      "--service keras-tuner does)")
-    for name in ("max_trials", "max_epochs", "epochs", "blocks", "retrain_epochs", "hyperband_factor"):
+    for name, maximum in (("max_trials", MAX_SEARCH_TRIALS), ("max_epochs", MAX_EPOCHS), ("epochs", MAX_EPOCHS),
+                          ("blocks", MAX_BLOCKS), ("retrain_epochs", MAX_EPOCHS), ("hyperband_factor", MAX_EPOCHS)):
         value = getattr(args, name)
         minimum = 2 if name == "hyperband_factor" else 1
-        if value is not None and value < minimum:
-            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+        if value is not None and not minimum <= value <= maximum:
+            parser.error(f"--{name.replace('_', '-')} must be in [{minimum}, {maximum:,}], got {value}")
     space = SearchSpace(blocks=args.blocks, filter_choices=args.filter_choices, dropout=args.dropout_range,
                         dense_units_choices=args.dense_units_choices,
                         learning_rate_choices=args.learning_rate_choices)
@@ -314,8 +333,8 @@ def check_project_files(job_dir_flag: str, project_dir: str) -> None:
     for path in [os.path.join(project_dir, "oracle.json"),
                  *sorted(glob.glob(os.path.join(project_dir, "trial_*", "trial.json")))]:
         try:
-            with open(path, "rb") as handle:
-                valid = isinstance(json.loads(handle.read().decode("utf-8")), dict)
+            valid = isinstance(json.loads(read_regular_file(path, f"--job-dir {job_dir_flag}: {path}").decode("utf-8")),
+                               dict)
         except (OSError, ValueError):
             valid = False
         if not valid:
@@ -325,7 +344,9 @@ def check_project_files(job_dir_flag: str, project_dir: str) -> None:
 
 def check_job_dir(args, settings: dict, job_dir: str) -> None:
     """The chief's look at --job-dir before anything heavy is imported: an existing search is reused only
-    with --resume and the same settings (else nothing there changes), or deleted with --overwrite."""
+    with --resume and the same settings (else nothing there changes), or deleted with --overwrite. A folder
+    holding the names a search writes (logs/, trials/...) but no search (neither search_settings.json nor
+    oracle.json) is refused untouched: those files are someone else's."""
     import shutil
 
     project_dir = os.path.join(job_dir, "keras_tuner", PROJECT)
@@ -335,14 +356,19 @@ def check_job_dir(args, settings: dict, job_dir: str) -> None:
         raise TrainerError(f"--job-dir {args.job_dir}: holds a trainer run ({', '.join(found)}), not a search; "
                            "a search needs a folder of its own: choose another --job-dir (nothing there was changed)")
     exists = os.path.exists(os.path.join(project_dir, "oracle.json"))
+    named = [name + ("/" if os.path.isdir(os.path.join(job_dir, name)) else "") for name in SEARCH_OUTPUTS
+             if os.path.lexists(os.path.join(job_dir, name))]
+    if named and not (exists or os.path.lexists(settings_path)):
+        raise TrainerError(f"--job-dir {args.job_dir}: holds {', '.join(named)} but no search (no {SETTINGS_FILE} or "
+                           f"keras_tuner/{PROJECT}/oracle.json), files a search would mix with its own or, with "
+                           "--overwrite, delete; choose another --job-dir (nothing there was changed)")
     if exists and not (args.resume or args.overwrite):
         raise TrainerError(f"--job-dir {args.job_dir}: a search already exists there ({project_dir}); pass "
                            "--resume to continue it, --overwrite to start over, or choose another --job-dir")
     if exists and args.resume:
         check_project_files(args.job_dir, project_dir)
         try:
-            with open(settings_path) as handle:
-                saved = json.load(handle)
+            saved = json.loads(read_regular_file(settings_path, settings_path).decode("utf-8"))
         except FileNotFoundError:
             saved = None  # made before searches recorded their settings: nothing to compare
             print(f"note: {settings_path} is missing, so the search's settings cannot be checked; "
@@ -420,6 +446,11 @@ def show_trial_values(tuner, space: SearchSpace, base: Config) -> None:
 
 def run(argv: Optional[Sequence[str]], environ: MutableMapping[str, str]) -> int:
     args, space, base = parse(argv)  # exits 2 on a command-line error
+    from trainer.storage import deadline_problem
+
+    problem = deadline_problem(environ)  # here, not in parse: deploy.vertex checks a remote job's flags with parse
+    if problem:  # a search can read an idx:gs:// dataset
+        build_parser().error(problem)
     environ.update(distributed_environment(environ))
     # KerasTuner's own convention (its public variables): the tuner whose id contains "chief" runs the oracle.
     distributed = "KERASTUNER_ORACLE_IP" in environ
