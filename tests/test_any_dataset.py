@@ -249,6 +249,18 @@ def test_a_folder_reads_classes_sizes_and_channels_from_its_files(tmp_path):
     assert arrays["all_images"].shape[1:] == (12, 12, 3)
 
 
+def test_reading_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsys):
+    from trainer import image_folder
+
+    folder = str(tmp_path / "photos")
+    write_pngs(folder, "a", 3)
+    write_pngs(folder, "b", 3, seed=1)
+    monkeypatch.setattr(image_folder, "PROGRESS_SECONDS", 0.0)  # as if each file took the whole interval
+    image_folder.load_image_folder(folder)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "reading images: 0 of 6 files" and lines[-1] == "reading images: 5 of 6 files", lines
+
+
 def test_a_folder_with_its_own_split_keeps_it(tmp_path):
     from trainer.config import Config
     from trainer.data import load_splits

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from trainer.errors import TrainerError
 from trainer.images import MAX_SIDE, MIN_SIDE
 
+PROGRESS_SECONDS = 10  # reading a large folder prints how far it is this often
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -138,7 +140,11 @@ def read_images(paths: Sequence[str], size: Tuple[int, int]) -> Tuple[np.ndarray
     pixels = np.zeros((len(paths), height, width, 3), dtype=np.uint8)
     faults: List[str] = []
     grey = True
+    next_report = time.monotonic() + PROGRESS_SECONDS
     for index, path in enumerate(paths):
+        if time.monotonic() >= next_report:  # a large folder takes minutes: say how far it is
+            print(f"reading images: {index:,} of {len(paths):,} files", flush=True)
+            next_report = time.monotonic() + PROGRESS_SECONDS
         try:
             rgb = image_to_rgb(open_image(path))
         except TrainerError as error:
