@@ -532,6 +532,29 @@ def test_a_named_pipe_where_the_trainer_reads_a_file_is_refused_at_once(case, tm
     assert_brief(code, err, 1, fragment, "is a named pipe, not a regular file", seconds=seconds, bound=10)
 
 
+@pytest.mark.slow
+def test_a_named_pipe_for_the_checkpoint_state_or_an_idx_file_is_refused_at_once(digits_idx, tmp_path):
+    """TensorFlow's latest_checkpoint and the IDX reader each blocked forever on a pipe with no writer."""
+    import shutil
+
+    job = tmp_path / "job"
+    (job / "checkpoints").mkdir(parents=True)
+    state = _fifo(job / "checkpoints" / "checkpoint")
+    code, _, err, seconds = _cli("trainer.task", ["--dataset", f"idx:{digits_idx}", "--preset", "seed", "--epochs",
+                                                  "1", "--train-limit", "600", "--job-dir", str(job)], timeout=60)
+    assert_brief(code, err, 1, f"--checkpoint-dir {job / 'checkpoints'}: checkpoint: is a named pipe, not a regular "
+                 "file", seconds=seconds, bound=40)
+    data = tmp_path / "data"
+    shutil.copytree(digits_idx, data)
+    images = next(name for name in os.listdir(data) if name.startswith("train-images"))
+    os.remove(data / images)
+    _fifo(data / images)
+    code, _, err, seconds = _cli("trainer.task", ["--dataset", f"idx:{data}", "--job-dir", str(tmp_path / "j2")],
+                                 timeout=60)
+    assert_brief(code, err, 1, f"{data / images}: is a named pipe, not a regular file", seconds=seconds, bound=40)
+    assert os.path.exists(state)
+
+
 def test_a_search_resumed_with_a_named_pipe_for_its_settings_is_refused_at_once(tmp_path):
     project = tmp_path / "search" / "keras_tuner" / "mnist_cnn"
     project.mkdir(parents=True)

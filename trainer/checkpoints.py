@@ -133,6 +133,9 @@ class Checkpoints:
         import tensorflow as tf
 
         source = self.outputs.restore_dir
+        state_file = os.path.join(source, "checkpoint") if source else ""
+        if state_file and os.path.lexists(state_file):  # TensorFlow would wait for ever on a named pipe
+            atomic.read_regular_file(state_file, f"--checkpoint-dir {self.config.checkpoint_dir}: checkpoint")
         latest = tf.train.latest_checkpoint(source) if source and os.path.isdir(source) else None
         if not self.config.resume and self.outputs.is_chief:
             self.clear()

@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from trainer.atomic import read_regular_file
 from trainer.config import CLASS_NAME_SETS, Config
 from trainer.errors import TrainerError
 from trainer.images import IMAGE_SIZE, MAX_SIDE, MIN_SIDE, NUM_CLASSES, ImageShape, image_shape
@@ -65,9 +66,9 @@ class Splits:
 def read_idx(path: str, kind: str) -> np.ndarray:
     """Read one IDX file ('images' -> uint8 [N,rows,cols], 'labels' -> uint8 [N]); validate everything."""
     try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as handle:
-            raw = handle.read()
+        raw = read_regular_file(path, path)  # a named pipe in the folder is refused, not waited on
+        if path.endswith(".gz"):
+            raw = gzip.decompress(raw)
     # gzip raises BadGzipFile (an OSError) or EOFError when cut short, zlib.error when damaged inside
     except (OSError, EOFError, zlib.error) as error:
         raise TrainerError(f"{path}: cannot read IDX file ({error})") from None
@@ -98,7 +99,7 @@ def read_idx(path: str, kind: str) -> np.ndarray:
 def _find_idx_file(folder: str, stem: str, shown: str) -> str:
     for candidate in (stem, stem + ".gz"):
         path = os.path.join(folder, candidate)
-        if os.path.isfile(path):
+        if os.path.lexists(path) and not os.path.isdir(path):  # read_idx refuses what is not a regular file
             return path
     raise TrainerError(f"{shown}: missing {stem} (or {stem}.gz); an idx: folder needs the four MNIST-format "
                        f"files {', '.join(IDX_FILES.values())}")
