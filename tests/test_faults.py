@@ -868,27 +868,12 @@ def test_a_finished_run_rerun_with_fewer_epochs_changes_nothing(small_run, digit
 def test_out_of_memory_while_reading_data_names_the_file_not_the_model(digits_idx, monkeypatch):
     """Running this machine (24 GiB) out of memory for real is not safe for the other jobs on it, so the
     read of the data file raises MemoryError as a read beyond the memory does."""
-    import builtins
-
     from trainer import data
 
-    real_open = builtins.open
+    def read_beyond_memory(path, what, limit=None):
+        raise MemoryError()
 
-    class Huge:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-        def read(self, *args):
-            raise MemoryError()
-
-    monkeypatch.setattr(data, "open", lambda path, mode="r", *a, **k: Huge(real_open(path, mode, *a, **k)),
-                        raising=False)
+    monkeypatch.setattr(data, "read_regular_file", read_beyond_memory)
     path = os.path.join(digits_idx, "t10k-labels-idx1-ubyte")
     path = path if os.path.exists(path) else next(os.path.join(digits_idx, name) for name in os.listdir(digits_idx)
                                                   if not name.endswith(".gz"))
