@@ -44,10 +44,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def epoch_rates(log_text):
+    """[(examples/s, seconds)] per epoch from the lines `epoch k/N ... R examples/s  S s`."""
+    return [(float(rate.replace(",", "")), float(seconds)) for rate, seconds in
+            re.findall(r"^epoch \d+/\d+ .* ([\d,]+) examples/s\s+([\d.]+) s", log_text, re.M)]
+
+
 def steady_rate(log_text):
-    """Examples/s over epochs 2..N from lines `epoch k/N ... R examples/s  S s` (epoch 1 if it is alone)."""
-    epochs = [(float(rate.replace(",", "")), float(seconds)) for rate, seconds in
-              re.findall(r"^epoch \d+/\d+ .* ([\d,]+) examples/s\s+([\d.]+) s", log_text, re.M)]
+    """Examples/s over epochs 2..N (epoch 1 if it is alone)."""
+    epochs = epoch_rates(log_text)
     later = epochs[1:] or epochs
     return sum(rate * seconds for rate, seconds in later) / sum(seconds for _, seconds in later) if later else None
 
@@ -80,7 +85,8 @@ def base_env():
 
 
 def train(workers, common, scratch):
-    """(all-epochs examples/s, steady examples/s, replicas) of a trainer run with 1 or 2 workers."""
+    """(all-epochs examples/s, steady examples/s, replicas, [examples/s of each epoch]) of a trainer run with 1
+    or 2 workers (the epochs as the chief's log shows them)."""
     job_dir = tempfile.mkdtemp(dir=scratch)
     ports = [free_port() for _ in range(workers)]
     strategy = "multi_worker" if workers > 1 else "default"
@@ -92,7 +98,8 @@ def train(workers, common, scratch):
     logs = start_all([command] * workers, scratch, env_for)
     with open(os.path.join(job_dir, "metrics.json")) as handle:
         metrics = json.load(handle)
-    return metrics["train_examples_per_second"], steady_rate(logs[0]), metrics["num_replicas"]
+    return (metrics["train_examples_per_second"], steady_rate(logs[0]), metrics["num_replicas"],
+            [rate for rate, _ in epoch_rates(logs[0])])
 
 
 def ceiling(batch_size, scratch):
@@ -233,6 +240,43 @@ def one_round(args, index, scratch):
     return result
 
 
+def trainer_round(args, index, scratch):
+    """One round in the trainer's own conditions: seed preset, global batch 128, one worker then two (the order
+    swapped every other round), plus the probes that split a 2-worker step."""
+    common = ["--dataset", args.dataset, "--no-resume", "--preset", "seed", "--batch-size", "128",
+              "--train-limit", str(args.train_limit), "--epochs", str(args.epochs)]
+    result = {}
+    for workers in ((1, 2) if index % 2 == 0 else (2, 1)):
+        result[f"{workers}w"] = train(workers, common, scratch)
+    result["ceiling"] = ceiling(128, scratch)
+    result["allreduce"] = allreduce(scratch)
+    return result
+
+
+def trainer_report(rounds, args, machine):
+    """The last epoch's examples/s of 2 workers over 1, per round and the median; where a 2-worker step goes."""
+    med = statistics.median
+    ratios = [r["2w"][3][-1] / r["1w"][3][-1] for r in rounds]
+    step_ms = med([1000 * 128 / r["2w"][3][-1] for r in rounds])
+    compute_ms = med([r["ceiling"][2] for r in rounds])
+    reduce_ms = med([r["allreduce"]["ms_per_allreduce"] for r in rounds])
+    other_ms = step_ms - compute_ms - reduce_ms
+    epochs = "; ".join(f"round {i + 1}: 1 worker {', '.join(f'{x:,.0f}' for x in r['1w'][3])}, 2 workers "
+                       f"{', '.join(f'{x:,.0f}' for x in r['2w'][3])}" for i, r in enumerate(rounds))
+    return "\n".join([
+        f"Machine: {machine}. Command: `python bench/multiworker_scaling.py --trainer --rounds {len(rounds)} "
+        f"--train-limit {args.train_limit} --epochs {args.epochs}` (seed preset, global batch 128, one thread per "
+        "worker).", "",
+        "| | 1 worker (ex/s, last epoch) | 2 workers (ex/s, last epoch) | scaling |", "|---|---|---|---|",
+        *[f"| round {i + 1} | {r['1w'][3][-1]:,.0f} | {r['2w'][3][-1]:,.0f} | {ratio:.2f}x |"
+          for i, (r, ratio) in enumerate(zip(rounds, ratios, strict=True))],
+        f"| **median** | {med([r['1w'][3][-1] for r in rounds]):,.0f} | {med([r['2w'][3][-1] for r in rounds]):,.0f} "
+        f"| **{med(ratios):.2f}x** |", "",
+        f"Every epoch (examples/s): {epochs}.", "",
+        f"A 2-worker step (medians): {step_ms:.1f} ms = compute {compute_ms:.1f} ms (two ceiling processes at once, "
+        f"batch 64 each) + gradient all-reduce {reduce_ms:.1f} ms (the probe's) + other {other_ms:.1f} ms."])
+
+
 def report(rounds, args, machine):
     med = lambda values: statistics.median(values)  # noqa: E731
     lines = [f"Machine: {machine}. Command: `python bench/multiworker_scaling.py --rounds {len(rounds)}"
@@ -281,12 +325,19 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-sizes", default="128,256,512",
                         type=lambda text: [int(x) for x in text.split(",")])
-    parser.add_argument("--train-limit", type=int, default=15000)
+    parser.add_argument("--trainer", action="store_true",
+                        help="only the trainer's own conditions: seed preset, global batch 128, the last epoch's "
+                             "examples/s (defaults --train-limit 30000 --epochs 3)")
+    parser.add_argument("--train-limit", type=int, default=None, help="default 15000 (30000 with --trainer)")
     parser.add_argument("--default-train-limit", type=int, default=4000,
                         help="training examples for the default recipe's pair (it is several times slower)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "multiworker.md"))
+    parser.add_argument("--out", default=None, help="default bench/results/multiworker.md "
+                                                    "(multiworker-trainer.md with --trainer)")
     args = parser.parse_args()
+    args.train_limit = args.train_limit or (30000 if args.trainer else 15000)
+    args.out = args.out or os.path.join(ROOT, "bench", "results", "multiworker-trainer.md" if args.trainer
+                                        else "multiworker.md")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown CPU") if os.path.exists("/proc/cpuinfo") else "unknown CPU"
     machine = f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}"
@@ -294,10 +345,10 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         for index in range(args.rounds):
             started = time.perf_counter()
-            rounds.append(one_round(args, index, scratch))
+            rounds.append((trainer_round if args.trainer else one_round)(args, index, scratch))
             print(f"round {index + 1}/{args.rounds} in {time.perf_counter() - started:.0f} s: "
                   f"{json.dumps(rounds[-1])}", flush=True)
-    text = report(rounds, args, machine)
+    text = (trainer_report if args.trainer else report)(rounds, args, machine)
     print("\n" + text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as handle:
