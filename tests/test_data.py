@@ -192,3 +192,23 @@ def test_training_epochs_see_each_example_once_in_a_fresh_order_and_resume_mid_e
     workers = [_epoch_pixels(tensors, 0, _Context(i)) for i in range(2)]
     assert len(workers[0]) == len(workers[1]) == 48  # equal step counts on both workers
     assert not set(workers[0]) & set(workers[1])  # disjoint shares of the epoch
+
+
+def test_one_run_dataset_holds_every_epochs_batches_in_turn_and_never_ends():
+    """What the trainer iterates over a whole run: each epoch's batches exactly as that epoch's own pipeline
+    gives them (the resume skip on the first), then it repeats, so its cardinality is infinite (a finite one
+    makes a multi-worker iterator all-reduce before every step)."""
+    import tensorflow as tf
+
+    from trainer.data import TrainTensors, run_dataset
+
+    images = np.zeros((100, 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(100)
+    tensors = TrainTensors(images, np.arange(100) % 10)
+    for context in (None, _Context(1)):
+        dataset = run_dataset(tensors, 8, 3, [(1, "none"), (2, "none")], context, skip_steps=5)
+        assert dataset.cardinality() == tf.data.INFINITE_CARDINALITY
+        expected = _epoch_pixels(tensors, 1, context, skip=5) + _epoch_pixels(tensors, 2, context)
+        got = [int(x) for images_, _ in dataset.take(len(expected) // (8 if context is None else 4))
+               for x in images_.numpy()[:, 0, 0, 0] * 255]
+        assert got == expected

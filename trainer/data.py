@@ -531,6 +531,25 @@ def train_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epoc
     return dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def run_dataset(tensors: TrainTensors, global_batch_size: int, seed: int, epochs: Sequence[Tuple[int, str]],
+                input_context=None, skip_steps: int = 0):
+    """The training batches of every (epoch, augment) in `epochs`, one epoch after the other, repeated without
+    end: one dataset, and so one iterator, for the whole run (each epoch's batches exactly as
+    `train_dataset` makes them; `skip_steps` applies to the first epoch).
+
+    One iterator, because destroying a distributed iterator stalled a two-worker cluster for up to ~10 s
+    (its prefetching threads wind down first), and a new one per epoch paid that at every epoch's start.
+    Without end, because over a finite dataset the distributed iterator of a multi-worker cluster all-reduces
+    a "has data" flag before every step; the loop takes exactly each epoch's steps, so the repeat is never
+    reached. Memory: the epochs' shuffled index batches, about 12 bytes per example and epoch."""
+    datasets = [train_dataset(tensors, global_batch_size, seed, epoch, input_context, skip_steps if index == 0 else 0,
+                              augment) for index, (epoch, augment) in enumerate(epochs)]
+    dataset = datasets[0]
+    for following in datasets[1:]:
+        dataset = dataset.concatenate(following)
+    return dataset.repeat()
+
+
 def eval_dataset(images: np.ndarray, labels: np.ndarray, batch_size: int):
     """Every example once, in order, decoded (for the chief's local evaluation and predictions)."""
     import tensorflow as tf

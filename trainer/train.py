@@ -161,13 +161,13 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
     train_tensors = data_lib.TrainTensors(*splits.train)
     trained: Dict[str, Any] = dict(seconds=0.0, examples=0, val_predictions=None)
     observers.on_train_begin(state.model, initial_epoch)
+    epochs = [(epoch, data_lib.epoch_augment(config, splits, epoch)) for epoch in range(initial_epoch, config.epochs)]
+    iterator = iter(resolved.strategy.distribute_datasets_from_function(  # one iterator for all the epochs
+        lambda context: data_lib.run_dataset(train_tensors, config.batch_size, config.seed, epochs, context,
+                                             initial_step))) if epochs else None
     with StopSignal(resolved.strategy, resolved.num_workers) as stop:
         for epoch in range(initial_epoch, config.epochs):
             first = initial_step if epoch == initial_epoch else 0
-            iterator = iter(resolved.strategy.distribute_datasets_from_function(
-                lambda context, epoch=epoch, first=first: data_lib.train_dataset(
-                    train_tensors, config.batch_size, config.seed, epoch, context, first,
-                    data_lib.epoch_augment(config, splits, epoch))))
             observers.on_epoch_begin(epoch)
             carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,
