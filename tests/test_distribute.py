@@ -10,11 +10,21 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from helpers import free_port, read_metrics, run_cli, run_task, signal_after_first_epoch, start_cli, wait_for_line
+from helpers import (
+    ROOT_DIR,
+    free_port,
+    read_metrics,
+    run_cli,
+    run_task,
+    signal_after_first_epoch,
+    start_cli,
+    wait_for_line,
+)
 from trainer.distribute import attached_tpu, chief_of, cluster_config
 
 
@@ -210,6 +220,28 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(digits_idx, 
     assert not os.path.exists(os.path.join(job_dirs[1], "model"))
     assert not os.path.exists(os.path.join(job_dirs[1], "metrics.json"))
     assert os.listdir(tmp_dirs[1]) == [], "the worker's scratch folders must be deleted"
+
+
+@pytest.mark.slow
+def test_two_workers_summing_gradients_early_train_the_weights_keras_own_all_reduce_trains(tmp_path):
+    """The two-worker train step sums the gradients itself, last layer first in packs, so the sums travel
+    during back-propagation; Keras' optimizer would send them all at once. Both from the same start on each
+    worker's own data: the same weights to the bit, and the two workers agree."""
+    ports = [free_port(), free_port()]
+    outs = [str(tmp_path / f"worker{index}.json") for index in range(2)]
+    env = dict(os.environ, PYTHONPATH=ROOT_DIR, TF_CPP_MIN_LOG_LEVEL="2")
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT_DIR, "tests", "gradient_sums_worker.py"), out],
+                                  env=dict(env, TF_CONFIG=tf_config(ports, index)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+                 for index, out in enumerate(outs)]
+    logs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [log[-2000:] for log in logs]
+    results = [json.load(open(out)) for out in outs]
+    for result in results:
+        assert result["early"]["early"] and not result["keras"]["early"]  # the two paths really differ
+        assert result["early"]["weights"] == result["keras"]["weights"]
+        assert result["early"]["loss_sum"] == result["keras"]["loss_sum"]
+    assert results[0]["early"]["weights"] == results[1]["early"]["weights"]
 
 
 @pytest.mark.slow

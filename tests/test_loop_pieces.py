@@ -36,6 +36,17 @@ def tiny(digits, tmp_path_factory):
     return config, state, train_steps, iter(tf.data.Dataset.from_tensors(batch).repeat())
 
 
+def test_gradients_are_summed_last_layer_first_in_a_few_packs():
+    """Back-propagation computes the last layers' gradients first, so their pack is sent first; the seed
+    network's dense and output gradients make one pack, its convolutions' the other."""
+    from trainer.steps import gradient_packs
+
+    seed_sizes = [288, 32, 18432, 64, 204800, 128, 1280, 10]  # conv1, conv2, dense, output (kernel, bias)
+    assert gradient_packs(seed_sizes) == [[7, 6, 5, 4], [3, 2, 1, 0]]
+    assert gradient_packs([5, 5, 5, 5]) == [[3], [2], [1], [0]]
+    assert sorted(sum(gradient_packs([1, 2, 3, 100, 4]), [])) == [0, 1, 2, 3, 4]  # every gradient once
+
+
 def test_the_train_function_lowers_the_loss(tiny):
     import tensorflow as tf
 

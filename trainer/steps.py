@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, batch_norm_momentum(steps_per_epoch), shape)
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate_schedule(config, steps_per_epoch))
+        optimizer = adam_class(strategy, policy)(learning_rate=learning_rate_schedule(config, steps_per_epoch))
         if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Built inside the scope before the first step: otherwise a Keras 3 optimizer under a 2-replica
@@ -97,6 +97,58 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
     restorable = tf.train.Checkpoint(**parts)
     checkpoint = tf.train.Checkpoint(**parts, **({stash.key: stash.variables} if stash else {}))
     return TrainState(model, optimizer, epoch, step, partial, checkpoint, restorable, stash)
+
+
+def adam_class(strategy, policy: str = "float32"):
+    """keras.optimizers.Adam, or for a multi-worker cluster in float32 an Adam whose train step sums the
+    gradients over the replicas itself (`sum_gradients_early`), so that the sum of the last layers' gradients
+    travels while back-propagation still computes the first layers'. Keras' own optimizer sends all gradients
+    as one collective once the last of them is ready; with two workers the sums are the same numbers
+    either way (one addition per value), so results do not change."""
+    import keras
+    import tensorflow as tf
+
+    if (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or strategy.num_replicas_in_sync < 2
+            or policy != "float32" or not hasattr(keras.optimizers.Adam, "_all_reduce_sum_gradients")):
+        return keras.optimizers.Adam
+
+    class AdamOfSummedGradients(keras.optimizers.Adam):
+        """Adam for gradients the train step has already summed over the replicas."""
+
+        sums_gradients_in_step = True
+
+        def _all_reduce_sum_gradients(self, grads_and_vars):
+            return list(grads_and_vars)
+
+    return AdamOfSummedGradients
+
+
+def gradient_packs(sizes: Sequence[int]) -> list:
+    """Gradient indices grouped into all-reduce packs, last variable first: back-propagation computes the
+    last layers' gradients first, so their pack can travel while the first layers' are computed. A pack
+    closes once it holds a quarter of all the values (few collectives: each has a fixed cost)."""
+    total, packs, current, held = sum(sizes), [], [], 0
+    for index in reversed(range(len(sizes))):
+        current.append(index)
+        held += sizes[index]
+        if 4 * held >= total:
+            packs.append(current)
+            current, held = [], 0
+    return packs + ([current] if current else [])
+
+
+def sum_gradients_early(gradients: list) -> list:
+    """In replica context: each gradient summed over the replicas, in `gradient_packs` order (collectives
+    launch in program order)."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    summed: list = [None] * len(gradients)
+    for pack in gradient_packs([int(gradient.shape.num_elements()) for gradient in gradients]):
+        values = context.all_reduce(tf.distribute.ReduceOp.SUM, [gradients[index] for index in pack])
+        for index, value in zip(pack, values, strict=True):
+            summed[index] = value
+    return summed
 
 
 def random_states(model) -> list:
@@ -181,6 +233,8 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
         targets = tf.one_hot(labels, probabilities.shape[-1], dtype=probabilities.dtype)
         return keras.losses.categorical_crossentropy(targets, probabilities, label_smoothing=label_smoothing)
 
+    early_sums = getattr(optimizer, "sums_gradients_in_step", False)
+
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
@@ -188,6 +242,8 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch_size)
             scaled_loss = optimizer.scale_loss(loss)  # unchanged unless fp16 loss scaling is on
         gradients = tape.gradient(scaled_loss, model.trainable_variables)
+        if early_sums:
+            gradients = sum_gradients_early(gradients)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=-1, output_type=tf.int32), labels), tf.float32)
         return tf.reduce_sum(per_example), tf.reduce_sum(correct)
