@@ -32,6 +32,8 @@ def parse(args, environ=None):
     (["--train-limit", "1"], "--train-limit must be at least 2"),
     (["--class-names", "a"], "--class-names must be auto, digits, fashion or one comma-separated name per class"),
     (["--unaugmented-epochs", "-1"], "--unaugmented-epochs must be in [0, 1,000,000]"),
+    (["--weight-decay", "-0.01"], "--weight-decay must be in [0, 1)"),
+    (["--weight-decay", "nan"], "--weight-decay must be in [0, 1)"),
 ])
 def test_bad_flag_exits_2_naming_it(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

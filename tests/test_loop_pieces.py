@@ -58,6 +58,29 @@ def test_the_train_function_lowers_the_loss(tiny):
     assert correct >= 0.8 * config.batch_size
 
 
+def test_weight_decay_shrinks_the_kernels_and_leaves_biases_and_batch_norm_alone(tmp_path):
+    """AdamW's decoupled decay: with zero gradients Adam moves nothing, so after one step each conv and dense
+    kernel is exactly (1 - learning rate x W) times what it was; biases, gamma and beta are unchanged."""
+    import tensorflow as tf
+
+    from trainer import steps
+    from trainer.config import Config
+
+    config = Config(job_dir=str(tmp_path), preset="seed", filters=(8,), dense_units=16, batch_norm=True,
+                    learning_rate=0.01, weight_decay=0.1)
+    state = steps.build_state(config, tf.distribute.get_strategy(), "float32", steps_per_epoch=10)
+    variables = state.model.trainable_variables
+    before = [v.numpy().copy() for v in variables]
+    state.optimizer.apply_gradients(zip([tf.zeros_like(v) for v in variables], variables, strict=True))
+    kinds = {}
+    for variable, old in zip(variables, before, strict=True):
+        name = variable.path.rsplit("/", 1)[-1]
+        factor = 1.0 if name in steps.NO_WEIGHT_DECAY else 1.0 - 0.01 * 0.1
+        np.testing.assert_allclose(variable.numpy(), old * factor, rtol=1e-6, err_msg=variable.path)
+        kinds[name] = kinds.get(name, 0) + 1
+    assert kinds["kernel"] == 3 and kinds["gamma"] == 2 and kinds["bias"] == 1  # conv, dense, output
+
+
 def test_label_smoothing_trains_towards_the_smoothed_targets(tiny):
     """The smoothed cross-entropy of the trainer's step, checked against its definition on a fresh model:
     -sum((1 - S) * onehot + S / K) * log(p)), and 0 smoothing is the plain sparse cross-entropy."""

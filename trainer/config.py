@@ -96,6 +96,7 @@ RECIPE: Dict[str, Tuple[Callable[[str], Any], Any, Any]] = {
     "augment":         (str,                "none",      "shift"),
     "unaugmented_epochs": (int,             0,           2),
     "label_smoothing": (float,              0.0,         0.0),
+    "weight_decay":    (float,              0.0,         0.0),
 }
 SEED_RECIPE: Dict[str, Any] = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE: Dict[str, Any] = {key: default for key, (_, _, default) in RECIPE.items()}
@@ -174,6 +175,7 @@ class Config:
     augment: str = FROM_PRESET
     unaugmented_epochs: int = FROM_PRESET
     label_smoothing: float = FROM_PRESET
+    weight_decay: float = FROM_PRESET
     seed: int = 42
     preset: str = "default"
     model_dir: str = ""
@@ -324,6 +326,8 @@ def validate(config: Config) -> None:
             f"--unaugmented-epochs must be in [0, {MAX_EPOCHS:,}], got {config.unaugmented_epochs}")
     require(0.0 <= config.label_smoothing < 1.0 and math.isfinite(config.label_smoothing),
             f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+    require(0.0 <= config.weight_decay < 1.0 and math.isfinite(config.weight_decay),
+            f"--weight-decay must be in [0, 1), got {config.weight_decay}")
     require(0.0 < config.validation_fraction < 1.0,
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
@@ -545,6 +549,9 @@ def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
                 "epoch N+1 on (plain images are learnt faster, augmented ones generalise better)", type=int)
     recipe_flag("--label-smoothing", "train towards 1 - S on the true class and S/K spread over all K classes "
                 "(0: the plain cross-entropy)", type=float)
+    recipe_flag("--weight-decay", "decoupled weight decay (AdamW): each step shrinks the conv and dense kernels by "
+                "W x the step's learning rate; biases and batch-norm scales and offsets are left alone (0: off)",
+                type=float)
     model.add_argument("--seed", type=int, default=42, help="seeds weights, shuffling, dropout and the split")
 
     out = parser.add_argument_group("outputs (local paths or gs://; AIP_* variables are the defaults on Vertex AI)")

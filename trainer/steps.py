@@ -80,7 +80,7 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = build_model(config, batch_norm_momentum(steps_per_epoch), shape)
-        optimizer = adam_class(strategy, policy)(learning_rate=learning_rate_schedule(config, steps_per_epoch))
+        optimizer = make_optimizer(config, strategy, policy, steps_per_epoch)
         if policy == "mixed_float16":  # float16 gradients underflow without loss scaling
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         # Built inside the scope before the first step: otherwise a Keras 3 optimizer under a 2-replica
@@ -97,6 +97,21 @@ def build_state(config: Config, strategy, policy: str, steps_per_epoch: int,
     restorable = tf.train.Checkpoint(**parts)
     checkpoint = tf.train.Checkpoint(**parts, **({stash.key: stash.variables} if stash else {}))
     return TrainState(model, optimizer, epoch, step, partial, checkpoint, restorable, stash)
+
+
+# Variables --weight-decay leaves alone (Keras matches these patterns against variable names): shrinking a
+# bias or a batch-norm scale or offset only shifts what the next layer sees.
+NO_WEIGHT_DECAY = ("bias", "gamma", "beta")
+
+
+def make_optimizer(config: Config, strategy, policy: str, steps_per_epoch: int):
+    """Adam (AdamW with --weight-decay) on the run's learning-rate schedule; build it inside the strategy's
+    scope."""
+    optimizer = adam_class(strategy, policy)(learning_rate=learning_rate_schedule(config, steps_per_epoch),
+                                             weight_decay=config.weight_decay or None)
+    if config.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=list(NO_WEIGHT_DECAY))
+    return optimizer
 
 
 def adam_class(strategy, policy: str = "float32"):
