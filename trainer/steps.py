@@ -118,8 +118,9 @@ def adam_class(strategy, policy: str = "float32"):
     """keras.optimizers.Adam, or for a multi-worker cluster in float32 an Adam whose train step sums the
     gradients over the replicas itself (`sum_gradients_early`), so that the sum of the last layers' gradients
     travels while back-propagation still computes the first layers'. Keras' own optimizer sends all gradients
-    as one collective once the last of them is ready; with two workers the sums are the same numbers
-    either way (one addition per value), so results do not change."""
+    as one collective once the last of them is ready. With two workers the sums are the same numbers
+    either way (one addition per value), so results do not change; with more, the ring's order of additions
+    follows the packs, so a sum may differ from Keras' in its last bit."""
     import keras
     import tensorflow as tf
 
