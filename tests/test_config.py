@@ -33,6 +33,7 @@ def parse(args, environ=None):
     (["--class-names", "a"], "--class-names must be auto, digits, fashion or one comma-separated name per class"),
     (["--unaugmented-epochs", "-1"], "--unaugmented-epochs must be in [0, 1,000,000]"),
     (["--weight-decay", "-0.01"], "--weight-decay must be in [0, 1)"),
+    (["--unaugmented-dropout", "1"], "--unaugmented-dropout must be in [0, 1)"),
     (["--weight-decay", "nan"], "--weight-decay must be in [0, 1)"),
 ])
 def test_bad_flag_exits_2_naming_it(args, message, capsys):

@@ -293,11 +293,12 @@ def _history(job_dir):
 
 @pytest.mark.slow
 def test_a_mid_epoch_resume_is_bit_exact_and_its_epoch_row_covers_the_whole_epoch(digits_idx, tmp_path):
-    """The default recipe (dropout, batch norm, random shifts): the same run uninterrupted, and stopped by
+    """The default recipe (dropout, batch norm, random shifts), its second epoch already past the unaugmented
+    one (shifts, its own dropout, label smoothing, weight decay): the same run uninterrupted, and stopped by
     SIGTERM inside epoch 2 then rerun, end with the same weights; epoch 2's row (training loss and accuracy
     over all of its steps, validation) is the same in both."""
     args = ["--dataset", f"idx:{digits_idx}", "--preset", "default", "--epochs", "2", "--batch-size", "32",
-            "--train-limit", "3000", "--intra-op-threads", "1"]
+            "--train-limit", "3000", "--intra-op-threads", "1", "--unaugmented-epochs", "1"]
     plain = run_cli(args + ["--job-dir", str(tmp_path / "plain")])
     assert plain.returncode == 0, plain.stderr
     job = ["--job-dir", str(tmp_path / "job")]

@@ -94,3 +94,43 @@ def test_unaugmented_epochs_leave_the_first_epochs_plain():
     config = Config(job_dir="/tmp/x", augment="shift", unaugmented_epochs=2)
     assert [config.augment_at(epoch) for epoch in range(4)] == ["none", "none", "shift", "shift"]
     assert Config(job_dir="/tmp/x", preset="seed").augment_at(0) == "none"
+
+
+def test_the_unaugmented_epochs_train_with_their_own_dropout_and_no_label_smoothing_or_weight_decay():
+    config = Config(job_dir="/tmp/x", unaugmented_epochs=2, unaugmented_dropout=0.4, dropout=0.2,
+                    label_smoothing=0.1, weight_decay=0.05)
+    phases = [config.regularisation_at(epoch) for epoch in (0, 1, 2, 19)]
+    assert phases == [(0.4, 0.0, 0.0)] * 2 + [(0.2, 0.1, 0.05)] * 2
+    assert Config(job_dir="/tmp/x", preset="seed").regularisation_at(0) == (0.5, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("later", [["--dropout", "0.1"], ["--label-smoothing", "0.1"], ["--weight-decay", "0.05"]])
+def test_the_regularisation_of_the_later_epochs_leaves_the_unaugmented_ones_alone(later, digits_idx, tmp_path):
+    """Two runs that differ only in a setting of the augmented epochs: the unaugmented first epoch is the
+    same to the last digit, and the second epoch (where the setting applies) is not."""
+    base = ["--dataset", f"idx:{digits_idx}", "--train-limit", "1000", "--epochs", "2", "--unaugmented-epochs", "1",
+            "--unaugmented-dropout", "0.4", "--dropout", "0.4", "--label-smoothing", "0", "--weight-decay", "0"]
+    histories = []
+    for name, extra in (("base", []), ("later", later)):
+        code, _, err = run_task(base + extra + ["--job-dir", str(tmp_path / name)])
+        assert code == 0, err
+        histories.append(read_metrics(str(tmp_path / name))["history"])
+    assert histories[0][0] == histories[1][0]
+    assert histories[0][1]["loss"] != histories[1][1]["loss"]
+
+
+def test_a_given_dropout_is_every_epochs_unless_the_unaugmented_rate_is_given_too(tmp_path):
+    from trainer.config import parse_config
+
+    def rates(*args):
+        config = parse_config(["--job-dir", str(tmp_path), *args], {})
+        return config.unaugmented_dropout, config.dropout
+
+    assert rates() == (0.4, 0.2)  # the default preset: heavier dropout on the plain first epochs
+    assert rates("--dropout", "0.3") == (0.3, 0.3)
+    assert rates("--dropout", "0.3", "--unaugmented-dropout", "0.5") == (0.5, 0.3)
+    assert rates("--unaugmented-dropout", "0.1") == (0.1, 0.2)
+    assert rates("--preset", "seed") == (0.5, 0.5)
+    hparams = tmp_path / "best.json"
+    hparams.write_text('{"dropout": 0.25}')  # a search's best trial, which trained with one rate throughout
+    assert rates("--hparams-file", str(hparams)) == (0.25, 0.25)

@@ -175,6 +175,22 @@ print(json.dumps(dict(code=code, events=events)))
 """
 
 
+def test_a_trials_dropout_is_every_epochs_as_a_given_dropout_is(tmp_path):
+    """The default recipe's plain first epochs have their own rate (0.4); a trial trains with the searched
+    rate throughout, as its best_hyperparameters.json then does through `--hparams-file`."""
+    import keras_tuner as kt
+
+    from trainer.config import Config
+    from tuning.hypermodel import TrainerHyperModel
+    from tuning.space import DropoutRange, SearchSpace
+
+    base = Config(job_dir=str(tmp_path))
+    assert base.unaugmented_dropout != 0.3
+    space = SearchSpace(dropout=DropoutRange(0.3, 0.5, 0.1))  # a fresh trial starts at MIN
+    config = TrainerHyperModel(base, space, None, str(tmp_path)).trial_config(kt.HyperParameters(), trial_id="0")
+    assert config.unaugmented_dropout == config.dropout == 0.3
+
+
 @pytest.mark.slow
 def test_each_trial_traces_its_step_functions_once_and_no_retracing_warning(digits_idx, tmp_path):
     """Hyperband with --max-epochs 3 runs 6 trials: more than the 5 tracings after which TensorFlow warns

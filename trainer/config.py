@@ -78,13 +78,14 @@ def _bool(text: str) -> bool:
 # notebook's value, and this project's default.
 # seed: the notebook exactly: two conv+pool blocks, Dense(128), Dropout(0.5), Adam 1e-3, batch 128.
 # default: two 3x3 same-padded convs per block with narrower filters, batch norm, a cosine decay from a
-# higher peak rate, and random shifts once the first epochs on plain images are done. The runs behind
-# each choice, with their commands and figures, are in bench/results/recipe.md.
+# higher peak rate; the first epochs on plain images with dropout 0.4, then random shifts with lighter
+# dropout, label smoothing and decoupled weight decay. The runs behind each choice, with their commands and
+# figures, are in bench/results/recipe.md.
 RECIPE: Dict[str, Tuple[Callable[[str], Any], Any, Any]] = {
     #                  parser               seed         default
     "filters":         (_positive_int_list, (32, 64),    (16, 32)),
     "dense_units":     (int,                128,         256),
-    "dropout":         (float,              0.5,         0.4),
+    "dropout":         (float,              0.5,         0.2),
     "learning_rate":   (float,              1e-3,        4e-3),
     "batch_size":      (int,                128,         128),
     "epochs":          (int,                10,          20),
@@ -95,8 +96,9 @@ RECIPE: Dict[str, Tuple[Callable[[str], Any], Any, Any]] = {
     "warmup_epochs":   (float,              0.0,         0.0),
     "augment":         (str,                "none",      "shift"),
     "unaugmented_epochs": (int,             0,           2),
-    "label_smoothing": (float,              0.0,         0.0),
-    "weight_decay":    (float,              0.0,         0.0),
+    "unaugmented_dropout": (float,          0.5,         0.4),
+    "label_smoothing": (float,              0.0,         0.1),
+    "weight_decay":    (float,              0.0,         0.05),
 }
 SEED_RECIPE: Dict[str, Any] = {key: seed for key, (_, seed, _) in RECIPE.items()}
 DEFAULT_RECIPE: Dict[str, Any] = {key: default for key, (_, _, default) in RECIPE.items()}
@@ -154,6 +156,7 @@ class Config:
 
     Recipe settings left unset (None) take the value of the preset the Config names, so
     `Config(job_dir=..., preset="seed")` is the seed notebook's network and `Config(job_dir=...)` the default.
+    A given `dropout` without `unaugmented_dropout` is the rate of every epoch.
     """
 
     job_dir: str
@@ -174,6 +177,7 @@ class Config:
     warmup_epochs: float = FROM_PRESET
     augment: str = FROM_PRESET
     unaugmented_epochs: int = FROM_PRESET
+    unaugmented_dropout: float = FROM_PRESET
     label_smoothing: float = FROM_PRESET
     weight_decay: float = FROM_PRESET
     seed: int = 42
@@ -200,6 +204,8 @@ class Config:
     def __post_init__(self):
         if self.preset not in PRESETS:  # checked here, not in validate: the preset fills the recipe first
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}")
+        if self.unaugmented_dropout is None and self.dropout is not None:  # a given rate is every epoch's
+            object.__setattr__(self, "unaugmented_dropout", self.dropout)
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -228,6 +234,13 @@ class Config:
     def augment_at(self, epoch: int) -> str:
         """The augmentation of the 0-based `epoch`: none during the first `unaugmented_epochs`."""
         return self.augment if epoch >= self.unaugmented_epochs else "none"
+
+    def regularisation_at(self, epoch: int) -> Tuple[float, float, float]:
+        """(dropout, label smoothing, weight decay) of the 0-based `epoch`: the first `unaugmented_epochs` train
+        with `unaugmented_dropout` and neither label smoothing nor weight decay."""
+        if epoch < self.unaugmented_epochs:
+            return self.unaugmented_dropout, 0.0, 0.0
+        return self.dropout, self.label_smoothing, self.weight_decay
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -316,6 +329,8 @@ def validate(config: Config) -> None:
             f"--filters needs one or more positive integers, got {','.join(map(str, config.filters))}")
     require(config.dense_units >= 1, f"--dense-units must be at least 1, got {config.dense_units}")
     require(0.0 <= config.dropout < 1.0, f"--dropout must be in [0, 1), got {config.dropout}")
+    require(0.0 <= config.unaugmented_dropout < 1.0,
+            f"--unaugmented-dropout must be in [0, 1), got {config.unaugmented_dropout}")
     require(config.convs_per_block >= 1, f"--convs-per-block must be at least 1, got {config.convs_per_block}")
     require(config.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}")
     require(config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
@@ -534,7 +549,8 @@ def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
     recipe_flag("--learning-rate", "Adam's (peak) learning rate", type=float)
     recipe_flag("--filters", "comma list of conv filter counts, one conv+pool block each", type=_positive_int_list)
     recipe_flag("--dense-units", "units of the hidden dense layer", type=int)
-    recipe_flag("--dropout", "dropout rate before the output layer", type=float)
+    recipe_flag("--dropout", "dropout rate before the output layer, in every epoch unless --unaugmented-dropout "
+                "is given (the presets' values apply after the --unaugmented-epochs)", type=float)
     recipe_flag("--convs-per-block", "3x3 convolutions before each max-pool", type=int)
     recipe_flag("--padding", "conv padding (same keeps the image size through each block's convs)", choices=PADDINGS)
     recipe_flag("--batch-norm", "batch normalisation after each conv and the dense layer",
@@ -546,7 +562,10 @@ def _add_recipe_and_output_flags(parser: argparse.ArgumentParser) -> None:
                 "for other sizes (shift-flip: and horizontal flips, whatever the data; see --flip)",
                 choices=AUGMENTATIONS)
     recipe_flag("--unaugmented-epochs", "the first N epochs train on the images as they are; --augment applies from "
-                "epoch N+1 on (plain images are learnt faster, augmented ones generalise better)", type=int)
+                "epoch N+1 on, with --dropout, --label-smoothing and --weight-decay (plain images are learnt faster, "
+                "augmented ones generalise better)", type=int)
+    recipe_flag("--unaugmented-dropout", "dropout rate during the --unaugmented-epochs, which train without label "
+                "smoothing or weight decay (default: --dropout if given, else the preset's)", type=float)
     recipe_flag("--label-smoothing", "train towards 1 - S on the true class and S/K spread over all K classes "
                 "(0: the plain cross-entropy)", type=float)
     recipe_flag("--weight-decay", "decoupled weight decay (AdamW): each step shrinks the conv and dense kernels by "
@@ -665,9 +684,9 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     from_file = read_hparams_file(args.hparams_file) if args.hparams_file else {}
 
     def recipe(fallback: dict) -> dict:
-        """Each recipe setting: the flag if given, else the fallback's value, else the preset's."""
-        return {key: getattr(args, key) if getattr(args, key) is not None else fallback.get(key, default)
-                for key, default in preset.items()}
+        """Each recipe setting: the flag if given, else the fallback's value, else None (Config fills in the
+        preset's)."""
+        return {key: getattr(args, key) if getattr(args, key) is not None else fallback.get(key) for key in preset}
 
     job_dir = args.job_dir or default_job_dir(environ)
 

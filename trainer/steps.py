@@ -114,6 +114,17 @@ def make_optimizer(config: Config, strategy, policy: str, steps_per_epoch: int):
     return optimizer
 
 
+def set_regularisation(model, optimizer, dropout: float, weight_decay: float) -> None:
+    """Set the model's dropout rate and the optimizer's weight decay (0: none) for the epochs ahead. Both are
+    read when a train step is traced: make the train function after this call."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = dropout
+    getattr(optimizer, "inner_optimizer", optimizer).weight_decay = weight_decay or None
+
+
 def adam_class(strategy, policy: str = "float32"):
     """keras.optimizers.Adam, or for a multi-worker cluster in float32 an Adam whose train step sums the
     gradients over the replicas itself (`sum_gradients_early`), so that the sum of the last layers' gradients

@@ -155,8 +155,7 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
     """The epochs: train, validate, save, tell the observers; raises Interrupted after a stop signal."""
     initial_epoch, initial_step = checkpoints.position
     steps = checkpoints.steps_per_epoch
-    train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer, config.batch_size,
-                                                jit_compile, config.label_smoothing)
+    train_steps, regularisation = None, None
     sync_statistics = steps_lib.make_statistics_sync(resolved.strategy, state.model)
     train_tensors = data_lib.TrainTensors(*splits.train)
     trained: Dict[str, Any] = dict(seconds=0.0, examples=0, val_predictions=None)
@@ -168,6 +167,11 @@ def _fit(config: Config, splits, resolved, state, checkpoints, history, observer
     with StopSignal(resolved.strategy, resolved.num_workers) as stop:
         for epoch in range(initial_epoch, config.epochs):
             first = initial_step if epoch == initial_epoch else 0
+            if config.regularisation_at(epoch) != regularisation:  # the first epoch, and where the phase changes
+                regularisation = dropout, label_smoothing, weight_decay = config.regularisation_at(epoch)
+                steps_lib.set_regularisation(state.model, state.optimizer, dropout, weight_decay)
+                train_steps = steps_lib.make_train_function(resolved.strategy, state.model, state.optimizer,
+                                                            config.batch_size, jit_compile, label_smoothing)
             observers.on_epoch_begin(epoch)
             carried = checkpoints.carried if first else None  # the figures of the steps before a mid-epoch stop
             result = steps_lib.run_epoch(train_steps, iterator, epoch, first, steps, config.steps_per_execution,

@@ -28,7 +28,9 @@ class TrainerHyperModel(kt.HyperModel):
         """The trainer settings of one trial: JOB_DIR/trials/trial_N, TensorBoard runs in JOB_DIR/logs/trial_N,
         N the 1-based number KerasTuner prints ("Trial #N")."""
         name = f"trial_{trial_number(trial_id)}" if trial_id else "trial_build"
-        return dataclasses.replace(self.base, **self.space.values(hp), epochs=epochs or self.base.epochs,
+        values = self.space.values(hp)  # the searched dropout is every epoch's, as `--dropout` is
+        return dataclasses.replace(self.base, **values, unaugmented_dropout=values["dropout"],
+                                   epochs=epochs or self.base.epochs,
                                    job_dir=os.path.join(self.job_dir, "trials", name), model_dir="",
                                    log_dir=os.path.join(self.job_dir, "logs", name), checkpoint_dir="",
                                    resume=False, strategy="default", hypertune=False)
