@@ -170,7 +170,8 @@ def test_checkpoints_trim_history_to_the_checkpoint_and_refuse_other_settings(tm
 
     checkpoints, outputs = _checkpoints(job_dir, dropout=0.3)
     try:
-        expected = r"holds a checkpoint of a run with other settings \(dropout 0.5 -> 0.3, unaugmented_dropout 0.5 -> 0.3\)"
+        expected = (r"holds a checkpoint of a run with other settings "
+                    r"\(dropout 0.5 -> 0.3, unaugmented_dropout 0.5 -> 0.3\)")
         with pytest.raises(TrainerError, match=expected):
             checkpoints.restore()
     finally:
