@@ -313,6 +313,12 @@ def _check_combinations(config: Config, require) -> None:
             f"--data-dir is TFDS's data folder; --dataset {config.dataset} names its own folder, so drop --data-dir")
 
 
+def _require_rate(flag: str, value: float) -> None:
+    """A rate in [0, 1) (dropout, label smoothing, weight decay); the bounds also refuse NaN and infinities."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{flag} must be in [0, 1), got {value}")
+
+
 def validate(config: Config) -> None:
     """Range and syntax checks that need no I/O; raises ValueError naming the setting."""
     def require(ok: bool, message: str):
@@ -328,9 +334,8 @@ def validate(config: Config) -> None:
     require(len(config.filters) >= 1 and all(f >= 1 for f in config.filters),
             f"--filters needs one or more positive integers, got {','.join(map(str, config.filters))}")
     require(config.dense_units >= 1, f"--dense-units must be at least 1, got {config.dense_units}")
-    require(0.0 <= config.dropout < 1.0, f"--dropout must be in [0, 1), got {config.dropout}")
-    require(0.0 <= config.unaugmented_dropout < 1.0,
-            f"--unaugmented-dropout must be in [0, 1), got {config.unaugmented_dropout}")
+    _require_rate("--dropout", config.dropout)
+    _require_rate("--unaugmented-dropout", config.unaugmented_dropout)
     require(config.convs_per_block >= 1, f"--convs-per-block must be at least 1, got {config.convs_per_block}")
     require(config.padding in PADDINGS, f"--padding must be one of {', '.join(PADDINGS)}")
     require(config.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}")
@@ -339,10 +344,8 @@ def validate(config: Config) -> None:
     require(config.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}")
     require(0 <= config.unaugmented_epochs <= MAX_EPOCHS,
             f"--unaugmented-epochs must be in [0, {MAX_EPOCHS:,}], got {config.unaugmented_epochs}")
-    require(0.0 <= config.label_smoothing < 1.0 and math.isfinite(config.label_smoothing),
-            f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
-    require(0.0 <= config.weight_decay < 1.0 and math.isfinite(config.weight_decay),
-            f"--weight-decay must be in [0, 1), got {config.weight_decay}")
+    _require_rate("--label-smoothing", config.label_smoothing)
+    _require_rate("--weight-decay", config.weight_decay)
     require(0.0 < config.validation_fraction < 1.0,
             f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
     require(config.train_limit is None or config.train_limit >= 2,
@@ -668,6 +671,39 @@ def read_hparams_file(path: str) -> dict:
     return values
 
 
+def _config_from_args(args: argparse.Namespace, job_dir: str, environ: Mapping[str, str], recipe: dict) -> Config:
+    """The Config of parsed flags, the environment's AIP_* folders and the `recipe` values."""
+    return Config(
+        job_dir=job_dir,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        train_limit=args.train_limit,
+        validation_fraction=args.validation_fraction,
+        seed=args.seed,
+        preset=args.preset,
+        # An explicit flag beats the AIP_* variable; both beat the job-dir sub-folder.
+        model_dir=args.model_dir or environ.get("AIP_MODEL_DIR", ""),
+        log_dir=args.log_dir or environ.get("AIP_TENSORBOARD_LOG_DIR", ""),
+        checkpoint_dir=args.checkpoint_dir or environ.get("AIP_CHECKPOINT_DIR", ""),
+        strategy=args.strategy,
+        tpu=args.tpu,
+        cpu_devices=args.cpu_devices,
+        mixed_precision=args.mixed_precision,
+        jit_compile=args.jit_compile,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
+        cluster_wait=args.cluster_wait,
+        steps_per_execution=args.steps_per_execution,
+        profile_steps=args.profile_steps,
+        resume=args.resume,
+        class_names=args.class_names,
+        image_size=args.image_size,
+        flip=args.flip,
+        hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),
+        **recipe,
+    )
+
+
 def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> Config:
     """Parse the command line into a Config; exits 2 (argparse style) on any syntax or range error."""
     parser = build_parser()
@@ -691,35 +727,7 @@ def parse_config(argv: Optional[Sequence[str]], environ: Mapping[str, str]) -> C
     job_dir = args.job_dir or default_job_dir(environ)
 
     def build(values: dict) -> Config:
-        return Config(
-            job_dir=job_dir,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            train_limit=args.train_limit,
-            validation_fraction=args.validation_fraction,
-            seed=args.seed,
-            preset=args.preset,
-            # An explicit flag beats the AIP_* variable; both beat the job-dir sub-folder.
-            model_dir=args.model_dir or environ.get("AIP_MODEL_DIR", ""),
-            log_dir=args.log_dir or environ.get("AIP_TENSORBOARD_LOG_DIR", ""),
-            checkpoint_dir=args.checkpoint_dir or environ.get("AIP_CHECKPOINT_DIR", ""),
-            strategy=args.strategy,
-            tpu=args.tpu,
-            cpu_devices=args.cpu_devices,
-            mixed_precision=args.mixed_precision,
-            jit_compile=args.jit_compile,
-            intra_op_threads=args.intra_op_threads,
-            inter_op_threads=args.inter_op_threads,
-            cluster_wait=args.cluster_wait,
-            steps_per_execution=args.steps_per_execution,
-            profile_steps=args.profile_steps,
-            resume=args.resume,
-            class_names=args.class_names,
-            image_size=args.image_size,
-            flip=args.flip,
-            hypertune=args.hypertune or bool(environ.get("CLOUD_ML_HP_METRIC_FILE")),
-            **values,
-        )
+        return _config_from_args(args, job_dir, environ, values)
 
     try:
         return build(recipe(from_file))
