@@ -277,7 +277,7 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
 
     # XLA compiles the step on each replica; the loop around it pulls from the input iterator, which XLA
     # cannot compile (on a TPU, TPUStrategy compiles what strategy.run runs in any case).
-    step = tf.function(replica_step, jit_compile=True) if jit_compile else replica_step
+    step = tf.function(replica_step, jit_compile=True, autograph=False) if jit_compile else replica_step
 
     # Each replica adds its own (loss sum, number correct) into a sync-on-read variable: one all-reduce
     # when it is read after the call, instead of two cross-replica reductions (two collectives across
@@ -291,11 +291,16 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
         loss_sum, correct = step(images, labels)
         totals.assign_add(tf.stack([loss_sum, correct]))
 
-    @tf.function
+    # Without AutoGraph: nothing here branches or loops on tensors in Python, and converting these functions
+    # (rewriting their source) was about half of the first call's tracing time.
+    @tf.function(autograph=False)
     def train_steps(iterator, num_steps):
-        strategy.run(lambda: totals.assign(tf.zeros(2)))
-        for _ in tf.range(num_steps):
+        def one_step(done):
             strategy.run(replica_step_adding_up, args=next(iterator))
+            return done + 1
+
+        strategy.run(lambda: totals.assign(tf.zeros(2)))
+        tf.while_loop(lambda done: done < num_steps, one_step, [tf.zeros([], num_steps.dtype)])
         summed = totals.read_value()
         return summed[0], summed[1]
 
