@@ -1,12 +1,15 @@
 """The seed notebook against this trainer, side by side on one machine and one dataset.
 
-    python bench/benchmark.py [--rounds 3] [--checks-per-epoch 10] [--out bench/results]
+    python bench/benchmark.py [--rounds 3] [--pairs 3] [--checks-per-epoch 10] [--out bench/results]
 
 Data: full Fashion-MNIST from Debian's dataset-fashion-mnist. Every measurement is a separate process,
 and baseline and trainer alternate within each round; the medians over rounds are reported, with the
-per-round figures. The seed notebook's side is seeded (keras.utils.set_random_seed(42), the trainer's
-default seed), so its learning curve is the same in every round. Prints a markdown table and writes
-results.json, results.md and accuracy_vs_time.png to --out.
+per-round figures. Each round runs the 2-epoch jobs of measures 1, 2 and 5 as --pairs pairs, in
+alternating order, and keeps their medians; the table adds the median of every pair's throughput ratio
+(the host's pace drifts by 10-30% over minutes; a pair runs within about a minute). The seed notebook's
+side is seeded (keras.utils.set_random_seed(42), the trainer's default seed), so its learning curve is
+the same in every round. Prints a markdown table and writes results.json, results.md and
+accuracy_vs_time.png to --out.
 
   1. training examples/s (evaluation excluded), same architecture: the seed notebook (`fit` on numpy),
      the trainer with --preset seed, and the ceiling (the seed model's train step in a tight tf.function
@@ -65,24 +68,45 @@ def load(path):
         return json.load(handle)
 
 
-def one_round(scratch, index, env, recipe=True, checks=10):
-    """One round's figures, and the two sides' accuracy-against-time curves (empty without the recipe)."""
+def two_epoch_jobs(scratch, index, env, trainer_first=False):
+    """The 2-epoch job of each side, back to back (the trainer's first when `trainer_first`): throughput (over
+    both epochs and in the second), wall time and peak memory."""
     python = sys.executable
-    result, curves = {}, {}
-    out = os.path.join(scratch, f"baseline2-{index}.json")
-    result["baseline_wall"], result["baseline_rss"] = measured(
-        [python, "bench/seed_baseline.py", "--epochs", "2", "--seed", str(SEED), "--out", out], env)
-    result["baseline_eps"] = load(out)["examples_per_second"]
-    result["baseline_steady_eps"] = load(out)["epoch_examples_per_second"][-1]
+    result = {}
 
-    job = os.path.join(scratch, f"trainer2-{index}")
-    lines = os.path.join(scratch, f"trainer2-{index}.out")
-    result["trainer_wall"], result["trainer_rss"] = measured(
-        [python, "-m", "trainer.task", "--dataset", FASHION, "--preset", "seed", "--epochs", "2",
-         "--job-dir", job], env,
-        output=lines)
-    result["trainer_eps"] = load(os.path.join(job, "metrics.json"))["train_examples_per_second"]
-    result["trainer_steady_eps"] = epoch_rates(lines)[-1]
+    def baseline():
+        out = os.path.join(scratch, f"baseline2-{index}.json")
+        result["baseline_wall"], result["baseline_rss"] = measured(
+            [python, "bench/seed_baseline.py", "--epochs", "2", "--seed", str(SEED), "--out", out], env)
+        result["baseline_eps"] = load(out)["examples_per_second"]
+        result["baseline_steady_eps"] = load(out)["epoch_examples_per_second"][-1]
+
+    def trainer():
+        job = os.path.join(scratch, f"trainer2-{index}")
+        lines = os.path.join(scratch, f"trainer2-{index}.out")
+        result["trainer_wall"], result["trainer_rss"] = measured(
+            [python, "-m", "trainer.task", "--dataset", FASHION, "--preset", "seed", "--epochs", "2",
+             "--job-dir", job], env, output=lines)
+        result["trainer_eps"] = load(os.path.join(job, "metrics.json"))["train_examples_per_second"]
+        result["trainer_steady_eps"] = epoch_rates(lines)[-1]
+
+    for side in (trainer, baseline) if trainer_first else (baseline, trainer):
+        side()
+    return result
+
+
+def one_round(scratch, index, env, recipe=True, checks=10, pairs=3):
+    """One round's figures, and the two sides' accuracy-against-time curves (empty without the recipe).
+    The 2-epoch jobs run as `pairs` pairs; the round keeps each figure's median over its pairs, and the
+    trainer-over-notebook ratio of every pair (`pair_ratios`, `pair_steady_ratios`)."""
+    python = sys.executable
+    curves = {}
+    # the order alternates, so that a host speeding up or slowing down favours neither side
+    jobs = [two_epoch_jobs(scratch, f"{index}-{pair}", env, trainer_first=(index + pair) % 2 == 1)
+            for pair in range(pairs)]
+    result = {key: statistics.median(job[key] for job in jobs) for key in jobs[0]}
+    result["pair_ratios"] = [job["trainer_eps"] / job["baseline_eps"] for job in jobs]
+    result["pair_steady_ratios"] = [job["trainer_steady_eps"] / job["baseline_steady_eps"] for job in jobs]
 
     out = os.path.join(scratch, f"ceiling-{index}.json")
     measured([python, "bench/probes.py", "ceiling", "--out", out], env)
@@ -153,6 +177,12 @@ def median_round(rounds, numerator, denominator):
     return f" (median round {statistics.median(ratios):.2f}x)" if ratios else ""
 
 
+def pairs_median(rounds, key):
+    """'; median pair 1.23x of 9': the median of every pair's trainer-over-notebook ratio, all rounds."""
+    ratios = [ratio for r in rounds for ratio in r.get(key, [])]
+    return f"; median pair {statistics.median(ratios):.2f}x of {len(ratios)}" if ratios else ""
+
+
 def table(medians, rounds, checks):
     m = medians
     ratio = lambda a, b: f"{a / b:.2f}x" if a and b else "n/a"  # noqa: E731
@@ -169,11 +199,12 @@ def table(medians, rounds, checks):
     rows = [
         ("Training throughput, seed architecture, 2-epoch job, first epoch's tracing included (examples/s)",
          f"{m['baseline_eps']:,.0f}",
-         f"{m['trainer_eps']:,.0f} ({ratio(m['trainer_eps'], m['baseline_eps'])}; "
+         f"{m['trainer_eps']:,.0f} ({ratio(m['trainer_eps'], m['baseline_eps'])}{pairs_median(rounds, 'pair_ratios')}; "
          f"{m['trainer_eps'] / m['ceiling_eps']:.0%} of the {m['ceiling_eps']:,.0f} ceiling)"),
         ("Training throughput, seed architecture, steady state: the same job's second epoch alone (examples/s)",
          f"{m['baseline_steady_eps']:,.0f}",
-         f"{m['trainer_steady_eps']:,.0f} ({ratio(m['trainer_steady_eps'], m['baseline_steady_eps'])}; "
+         f"{m['trainer_steady_eps']:,.0f} ({ratio(m['trainer_steady_eps'], m['baseline_steady_eps'])}"
+         f"{pairs_median(rounds, 'pair_steady_ratios')}; "
          f"{m['trainer_steady_eps'] / m['ceiling_eps']:.0%} of the ceiling)"),
         ("Whole process, 2-epoch job to saved model (s)", f"{m['baseline_wall']:.1f}", f"{m['trainer_wall']:.1f}"),
         *recipe_rows,
@@ -183,7 +214,11 @@ def table(medians, rounds, checks):
     lines = [f"| measure (median of {len(rounds)} rounds) | seed notebook | this trainer |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     each = lambda text: ", ".join(text(r) for r in rounds)  # noqa: E731
-    lines += ["", "Per round (trainer over seed notebook unless said otherwise):", "",
+    pair_figures = lambda key: "; ".join(", ".join(f"{x:.2f}x" for x in r.get(key, [])) for r in rounds)  # noqa: E731
+    lines += ["", "Per round (trainer over seed notebook unless said otherwise; each round's figure is the median "
+              "of its pairs of 2-epoch jobs):", "",
+              f"- throughput, every pair (rounds apart by ';'): {pair_figures('pair_ratios')}; steady state "
+              f"{pair_figures('pair_steady_ratios')}",
               "- throughput, 2-epoch job (tracing included): "
               f"{each(lambda r: ratio(r['trainer_eps'], r['baseline_eps']))} "
               f"({each(lambda r: format(r['trainer_eps'], ',.0f'))} against "
@@ -221,6 +256,8 @@ def machine_name():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="pairs of 2-epoch jobs (seed notebook, trainer) per round for measures 1, 2 and 5")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--checks-per-epoch", type=int, default=10,
                         help="how often both sides check the test accuracy for measure 3 (the checks' time is "
@@ -235,20 +272,21 @@ def main():
         for index in range(args.rounds):
             started = time.perf_counter()
             result, round_curves = one_round(scratch, index, env, recipe=not args.skip_recipe,
-                                             checks=args.checks_per_epoch)
+                                             checks=args.checks_per_epoch, pairs=args.pairs)
             rounds.append(result)
             curves.append(round_curves)
             print(f"round {index + 1}/{args.rounds} done in {time.perf_counter() - started:.0f} s: "
                   f"{json.dumps(result)}", flush=True)
     medians = {key: statistics.median(r[key] for r in rounds if r[key] is not None)
-               if any(r[key] is not None for r in rounds) else None for key in rounds[0]}
+               if any(r[key] is not None for r in rounds) else None
+               for key in rounds[0] if not isinstance(rounds[0][key], list)}
     machine = machine_name()
     text = table(medians, rounds, args.checks_per_epoch)
     print(f"\n{machine}\n{text}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as handle:
         json.dump(dict(machine=machine, rounds=rounds, medians=medians, curves=curves), handle, indent=2)
-    command = (f"python bench/benchmark.py --rounds {args.rounds}"
+    command = (f"python bench/benchmark.py --rounds {args.rounds}{f' --pairs {args.pairs}' if args.pairs != 3 else ''}"
                f"{' --skip-recipe' if args.skip_recipe else f' --checks-per-epoch {args.checks_per_epoch}'}")
     picture = ""
     if not args.skip_recipe:
