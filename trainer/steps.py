@@ -292,7 +292,7 @@ def make_train_function(strategy, model, optimizer, global_batch_size: int, jit_
         totals.assign_add(tf.stack([loss_sum, correct]))
 
     # Without AutoGraph: nothing here branches or loops on tensors in Python, and converting these functions
-    # (rewriting their source) was about half of the first call's tracing time.
+    # (rewriting their source) was about 40% of the first call's Python tracing.
     @tf.function(autograph=False)
     def train_steps(iterator, num_steps):
         def one_step(done):
