@@ -44,26 +44,37 @@ sys.path.insert(0, ROOT)
 from checks import AccuracyChecks  # noqa: E402  (bench/checks.py; this script runs from bench/)
 
 
+def _network(trainer_args, seed=None):
+    """(config, model, Adam optimizer built for it) for the flags, with the trainer's own thread settings;
+    the weights drawn after keras.utils.set_random_seed(seed) when a seed is given."""
+    from trainer.config import parse_config
+    from trainer.distribute import configure_host
+
+    config = parse_config(trainer_args, {})
+    configure_host(0, config.intra_op_threads, config.inter_op_threads)  # before TensorFlow starts
+    import keras
+
+    from trainer.model import build_model
+
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+    model = build_model(config)
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    optimizer.build(model.trainable_variables)
+    return config, model, optimizer
+
+
 def ceiling(out, trainer_args, steps=300, profile=False):
     """Without trainer flags: the seed model (`--preset seed`); with them, the model and batch they set.
     With `profile`, the timed steps run under TensorFlow's profiler and the kernels' times are written too."""
     import numpy as np
 
-    from trainer.config import parse_config
-    from trainer.distribute import configure_host
-
-    config = parse_config(trainer_args or ["--preset", "seed"], {})
+    config, model, optimizer = _network(trainer_args or ["--preset", "seed"])
     batch_size = config.batch_size
-    configure_host(0, config.intra_op_threads, config.inter_op_threads)  # the trainer's own thread settings
-    import keras
     import tensorflow as tf
 
-    from trainer.model import build_model
     from trainer.steps import make_train_function
 
-    model = build_model(config)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
-    optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     batch = (tf.constant(rng.random((batch_size, 28, 28, 1), dtype=np.float32)),
              tf.constant(rng.integers(0, 10, batch_size), dtype=tf.int32))
@@ -128,23 +139,13 @@ def versus_fit(out, rounds=12, steps=100):
     included (a few percent of the call)."""
     import numpy as np
 
-    from trainer.config import parse_config
-    from trainer.distribute import configure_host
-
-    config = parse_config(["--preset", "seed"], {})
-    configure_host(0, config.intra_op_threads, config.inter_op_threads)  # the trainer's own thread settings
-    import keras
+    config, model, optimizer = _network(["--preset", "seed"], seed=0)
     import tensorflow as tf
 
-    from trainer.model import build_model
     from trainer.steps import make_train_function
 
     batch_size = config.batch_size
-    keras.utils.set_random_seed(0)
-    model = build_model(config)
-    optimizer = keras.optimizers.Adam(config.learning_rate)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    optimizer.build(model.trainable_variables)
     rng = np.random.default_rng(0)
     images = rng.random((steps * batch_size, 28, 28, 1), dtype=np.float32)
     labels = rng.integers(0, 10, steps * batch_size).astype(np.int32)
